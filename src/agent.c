@@ -1,0 +1,386 @@
+/*
+ * agent.c - the in-process agent: connect to samepaged, run the thread
+ * that executes merge requests, and the public API of libsamepage.
+ *
+ * The agent thread does nothing but wait for the daemon: it scans no
+ * memory.  A merge request is executed with the agent lock held (see
+ * merge.c).  If the daemon goes away the thread ends; merged pages stay
+ * valid because the kernel keeps the pool file alive for its mappings.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "samepage.h"
+#include "sp.h"
+
+struct sp_agent sp_agent = {
+	.lock = PTHREAD_MUTEX_INITIALIZER,
+	.sock = -1, .uffd = -1, .poolfd = -1, .pagemap = -1,
+	.wakefd = { -1, -1 },
+	.any_min = 0,
+};
+
+/* Mappings left to the program itself: 1/8 of vm.max_map_count. */
+static const int map_reserve_div = 8;
+
+void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,
+	       off_t off)
+{
+	return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+}
+
+int sys_munmap(void *addr, size_t len)
+{
+	return (int)syscall(SYS_munmap, addr, len);
+}
+
+int sys_madvise(void *addr, size_t len, int advice)
+{
+	return (int)syscall(SYS_madvise, addr, len, advice);
+}
+
+void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e)
+{
+	struct sp_range r = { s, e - s };
+
+	if (a->active && s < e && sp_send(a->sock, type, &r, sizeof(r)) < 0)
+		log_debug("notify daemon failed");
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
+{
+	struct {
+		struct sp_merge_done d;
+		struct sp_item_result r[SP_BATCH_ITEMS];
+	} out;
+	uint32_t i;
+
+	memset(&out, 0, sizeof(out));
+	pthread_mutex_lock(&a->lock);
+	for (i = 0; i < m->merge->nitems; i++)
+		if (agent_merge_item(a, &m->items[i], &out.r[i]) == -EINVAL)
+			log_warnx("daemon sent an item outside the pool");
+	out.d.figs = a->figs;
+	out.d.batch = m->merge->batch;
+	out.d.nitems = m->merge->nitems;
+	/* Sent under the lock, so the daemon hears of these merges before
+	 * any munmap of the same pages that follows them. */
+	sp_send(a->sock, SP_MERGE_DONE, &out,
+		sizeof(out.d) + out.d.nitems * sizeof(out.r[0]));
+	pthread_mutex_unlock(&a->lock);
+}
+
+static void handle_unmerge(struct sp_agent *a)
+{
+	struct sp_figs f;
+
+	pthread_mutex_lock(&a->lock);
+	agent_unmerge_all(a);
+	f = a->figs;
+	pthread_mutex_unlock(&a->lock);
+	sp_send(a->sock, SP_UNMERGE_DONE, &f, sizeof(f));
+}
+
+static void *agent_main(void *arg)
+{
+	struct sp_agent *a = arg;
+	static uint64_t buf[SP_MSG_MAX / 8];
+	struct pollfd pfd[2] = { { a->sock, POLLIN, 0 },
+				 { a->wakefd[0], POLLIN, 0 } };
+
+	for (;;) {
+		struct sp_msg m;
+		ssize_t n;
+
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			break;
+		if (pfd[1].revents)
+			return NULL;	/* samepage_shutdown() */
+		if (!pfd[0].revents)
+			continue;
+		n = sp_recv(a->sock, buf, sizeof(buf), NULL);
+		if (n <= 0)
+			break;
+		if (sp_decode(buf, (size_t)n, &m) < 0) {
+			log_warnx("bad message from daemon; disconnecting");
+			break;
+		}
+		if (m.type == SP_MERGE)
+			handle_merge(a, &m);
+		else if (m.type == SP_UNMERGE)
+			handle_unmerge(a);
+	}
+	pthread_mutex_lock(&a->lock);
+	a->active = 0;
+	close_fd(&a->sock);
+	pthread_mutex_unlock(&a->lock);
+	log_warnx("daemon went away: merging stopped, merged memory stays "
+		  "valid");
+	return NULL;
+}
+
+static int hello(struct sp_agent *a)
+{
+	static uint64_t buf[SP_MSG_MAX / 8];
+	struct sp_hello h = { .pid = getpid(), .safety = (uint32_t)a->safety };
+	struct timeval tv = { 5, 0 };
+	struct sp_msg m;
+	ssize_t n;
+	int fd, r;
+
+	prctl(PR_GET_NAME, h.comm);
+	setsockopt(a->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	tv.tv_sec = 2;
+	setsockopt(a->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	r = sp_send(a->sock, SP_HELLO, &h, sizeof(h));
+	if (r < 0)
+		return r;
+	n = sp_recv(a->sock, buf, sizeof(buf), &fd);
+	if (n <= 0)
+		return n ? (int)n : -ECONNRESET;
+	if (sp_decode(buf, (size_t)n, &m) < 0 || m.type != SP_WELCOME ||
+	    fd < 0) {
+		if (m.type == SP_ERROR)
+			log_warnx("daemon refused this process: %s",
+				  m.u.error->msg);
+		close_fd(&fd);
+		return -EPROTO;
+	}
+	tv.tv_sec = 0;
+	setsockopt(a->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	close_fd(&a->poolfd);
+	a->poolfd = fd;
+	a->pool_bytes = m.u.welcome->pool_bytes;
+	a->daemon_pid = m.u.welcome->daemon_pid;
+	return 0;
+}
+
+static int map_pool_and_scratch(struct sp_agent *a)
+{
+	size_t slen = SP_ITEM_PAGES * SP_PAGE;
+
+	if (a->pool)
+		sys_munmap(a->pool, a->pool_bytes);
+	a->pool = sys_mmap(NULL, a->pool_bytes, PROT_READ,
+			   MAP_SHARED | MAP_NORESERVE, a->poolfd, 0);
+	if (a->pool == MAP_FAILED) {
+		a->pool = NULL;
+		return -errno;
+	}
+	if (!a->scratch) {
+		a->scratch = sys_mmap(NULL, slen, PROT_READ | PROT_WRITE,
+				      MAP_PRIVATE | MAP_ANONYMOUS |
+					      MAP_NORESERVE,
+				      -1, 0);
+		if (a->scratch == MAP_FAILED) {
+			a->scratch = NULL;
+			return -errno;
+		}
+		sys_madvise(a->scratch, slen, MADV_NOHUGEPAGE);
+	}
+	sys_madvise(a->scratch, slen, MADV_DONTNEED);
+	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen);
+}
+
+static void register_all(struct sp_agent *a)
+{
+	for (size_t i = 0; i < a->regions.n; i++)
+		if (a->regions.v[i].flags & RG_MERGEABLE)
+			agent_notify(a, SP_REG, a->regions.v[i].start,
+				     a->regions.v[i].end);
+}
+
+static int open_uffd(struct sp_agent *a)
+{
+	bool has_move = false;
+	int fd = uffd_open(&has_move);
+
+	if (fd < 0) {
+		errno = -fd;
+		log_warn("cannot use /dev/userfaultfd, merging is off (run "
+			 "as root, or: setfacl -m u:$USER:rw /dev/userfaultfd)");
+		return fd;
+	}
+	if (!has_move) {
+		close(fd);
+		log_warnx("this kernel lacks UFFDIO_MOVE (Linux 6.8 or later "
+			  "is needed); merging is off");
+		return -EOPNOTSUPP;
+	}
+	a->uffd = fd;
+	a->safety = 1;
+	return 0;
+}
+
+/* Start with the lock held.  Leaves the agent off on any failure. */
+static int agent_start(struct sp_agent *a)
+{
+	int r, lim;
+
+	a->tracking = 1;
+	a->pid = getpid();
+	r = open_uffd(a);
+	if (r < 0)
+		return r;
+	a->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	a->sock = sp_connect(a->sockpath);
+	if (a->sock < 0) {
+		r = a->sock;
+		errno = -r;
+		log_warn("no samepage daemon at %s, merging is off (start "
+			 "one with 'samepaged', or use 'samepage run')",
+			 a->sockpath);
+		goto fail;
+	}
+	r = hello(a);
+	if (r == 0)
+		r = map_pool_and_scratch(a);
+	if (r < 0) {
+		errno = -r;
+		log_warn("cannot join the daemon at %s", a->sockpath);
+		goto fail;
+	}
+	lim = sp_max_map_count();
+	a->map_limit = (uint64_t)lim;
+	a->figs.map_budget = (uint64_t)(lim - lim / map_reserve_div);
+	agent_recount_maps(a);
+	if (pipe2(a->wakefd, O_CLOEXEC) < 0 ||
+	    pthread_create(&a->thread, NULL, agent_main, a) != 0) {
+		r = -EAGAIN;
+		goto fail;
+	}
+	a->thread_started = 1;
+	a->active = 1;
+	register_all(a);
+	return 0;
+fail:
+	close_fd(&a->sock);
+	close_fd(&a->uffd);
+	return r;
+}
+
+static void atfork_prepare(void)
+{
+	pthread_mutex_lock(&sp_agent.lock);
+}
+
+static void atfork_parent(void)
+{
+	pthread_mutex_unlock(&sp_agent.lock);
+}
+
+/* The child has the parent's regions but none of its connection: the
+ * userfaultfd and pagemap descriptors still speak for the parent. */
+static void atfork_child(void)
+{
+	struct sp_agent *a = &sp_agent;
+	int was_active = a->active;
+
+	a->active = 0;
+	a->thread_started = 0;
+	close_fd(&a->sock);
+	close_fd(&a->uffd);
+	close_fd(&a->pagemap);
+	close_fd(&a->wakefd[0]);
+	close_fd(&a->wakefd[1]);
+	if (was_active && !getenv("SAMEPAGE_NO_FORK_RESTART"))
+		agent_start(a);
+	pthread_mutex_unlock(&a->lock);
+}
+
+SAMEPAGE_API int samepage_init(const char *socket_path)
+{
+	struct sp_agent *a = &sp_agent;
+	static int atfork_done;
+	int r;
+
+	pthread_mutex_lock(&a->lock);
+	if (a->active) {
+		pthread_mutex_unlock(&a->lock);
+		return 0;
+	}
+	if (socket_path)
+		r = snprintf(a->sockpath, sizeof(a->sockpath), "%s",
+			     socket_path) >= (int)sizeof(a->sockpath)
+			    ? -ENAMETOOLONG : 0;
+	else
+		r = sp_default_socket(a->sockpath, sizeof(a->sockpath));
+	if (r == 0)
+		r = agent_start(a);
+	if (!atfork_done) {
+		pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+		atfork_done = 1;
+	}
+	pthread_mutex_unlock(&a->lock);
+	return r;
+}
+
+SAMEPAGE_API void samepage_shutdown(void)
+{
+	struct sp_agent *a = &sp_agent;
+	pthread_t t;
+	int started;
+
+	pthread_mutex_lock(&a->lock);
+	started = a->thread_started;
+	t = a->thread;
+	if (started && a->wakefd[1] >= 0 && write(a->wakefd[1], "x", 1) < 0)
+		started = 0;
+	a->thread_started = 0;
+	pthread_mutex_unlock(&a->lock);
+	if (started)
+		pthread_join(t, NULL);
+	pthread_mutex_lock(&a->lock);
+	a->active = 0;
+	close_fd(&a->sock);
+	close_fd(&a->wakefd[0]);
+	close_fd(&a->wakefd[1]);
+	pthread_mutex_unlock(&a->lock);
+}
+
+static void default_log(int level, const char *msg, void *arg SP_UNUSED)
+{
+	(void)level;
+	(void)msg;
+}
+
+SAMEPAGE_API void samepage_set_log(samepage_log_fn fn, void *arg)
+{
+	log_set_fn(fn ? fn : default_log, arg);
+}
+
+SAMEPAGE_API int samepage_agent_stats(struct samepage_agent_stats *st)
+{
+	struct sp_agent *a = &sp_agent;
+
+	if (!st)
+		return -EINVAL;
+	pthread_mutex_lock(&a->lock);
+	st->active = a->active;
+	st->safety = a->safety;
+	st->merged_pages = a->merged_pages;
+	st->zero_pages = a->zero_pages;
+	st->pinned_skipped = a->figs.pinned_skipped;
+	st->changed_skipped = a->figs.changed_skipped;
+	st->mappings = a->figs.mappings;
+	st->map_budget = a->figs.map_budget;
+	st->budget_refusals = a->figs.budget_refusals;
+	pthread_mutex_unlock(&a->lock);
+	return 0;
+}

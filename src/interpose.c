@@ -1,0 +1,395 @@
+/*
+ * interpose.c - the program's mapping calls, seen by the agent.
+ *
+ * mmap, munmap, mremap, mprotect and madvise run under the agent lock, so
+ * none of them can land inside a merge that is half done, and the agent
+ * learns every private anonymous mapping the program makes.  madvise
+ * (MADV_MERGEABLE/UNMERGEABLE) and prctl(PR_SET/GET_MEMORY_MERGE) are
+ * answered here and never reach the kernel's KSM.
+ *
+ * Only mappings made through these calls are merged: memory that glibc
+ * maps internally (malloc) changes behind the interposers' back, so
+ * samepage leaves it alone rather than guess.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "samepage.h"
+#include "sp.h"
+
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+#endif
+#ifndef MADV_DONTNEED_LOCKED
+#define MADV_DONTNEED_LOCKED 24
+#endif
+
+#define PAGE_UP(x) (((x) + SP_PAGE - 1) & ~(SP_PAGE - 1))
+
+static bool mergeable_prot(int prot)
+{
+	return prot == (PROT_READ | PROT_WRITE);
+}
+
+/* Forget [s, e): the daemon stops scanning whatever was mergeable. */
+static void forget(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	size_t i = rg_first(&a->regions, s);
+
+	for (; i < a->regions.n && a->regions.v[i].start < e; i++) {
+		struct sp_region *r = &a->regions.v[i];
+
+		if (r->flags & RG_MERGEABLE)
+			agent_notify(a, SP_UNREG, r->start > s ? r->start : s,
+				     r->end < e ? r->end : e);
+	}
+	rg_remove(&a->regions, s, e);
+}
+
+static void track_mmap(struct sp_agent *a, uintptr_t s, size_t len,
+		       int prot, int flags)
+{
+	uintptr_t e = s + PAGE_UP(len);
+	unsigned rf = 0;
+
+	forget(a, s, e);
+	if ((flags & MAP_TYPE) != MAP_PRIVATE || !(flags & MAP_ANONYMOUS) ||
+	    (flags & (MAP_HUGETLB | MAP_GROWSDOWN)))
+		return;
+	if (a->merge_any && len >= a->any_min && mergeable_prot(prot))
+		rf = RG_MERGEABLE;
+	if (rg_add(&a->regions, s, e, prot, rf) == 0 && rf)
+		agent_notify(a, SP_REG, s, e);
+}
+
+SAMEPAGE_API void *mmap(void *addr, size_t len, int prot, int flags,
+			int fd, off_t off)
+{
+	struct sp_agent *a = &sp_agent;
+	void *p;
+	int err;
+
+	if (!a->tracking)
+		return sys_mmap(addr, len, prot, flags, fd, off);
+	pthread_mutex_lock(&a->lock);
+	p = sys_mmap(addr, len, prot, flags, fd, off);
+	err = errno;
+	if (p != MAP_FAILED)
+		track_mmap(a, (uintptr_t)p, len, prot, flags);
+	pthread_mutex_unlock(&a->lock);
+	errno = err;
+	return p;
+}
+
+SAMEPAGE_API void *mmap64(void *addr, size_t len, int prot, int flags,
+			  int fd, off_t off)
+{
+	return mmap(addr, len, prot, flags, fd, off);
+}
+
+SAMEPAGE_API int munmap(void *addr, size_t len)
+{
+	struct sp_agent *a = &sp_agent;
+	int r, err;
+
+	if (!a->tracking)
+		return sys_munmap(addr, len);
+	pthread_mutex_lock(&a->lock);
+	r = sys_munmap(addr, len);
+	err = errno;
+	if (r == 0)
+		forget(a, (uintptr_t)addr, (uintptr_t)addr + PAGE_UP(len));
+	pthread_mutex_unlock(&a->lock);
+	errno = err;
+	return r;
+}
+
+SAMEPAGE_API void *mremap(void *old, size_t oldlen, size_t newlen,
+			  int flags, ...)
+{
+	struct sp_agent *a = &sp_agent;
+	uintptr_t o = (uintptr_t)old;
+	void *want = NULL, *p;
+	struct sp_region r = { 0 };
+	size_t i;
+	bool known;
+	int err;
+	va_list ap;
+
+	if (flags & MREMAP_FIXED) {
+		va_start(ap, flags);
+		want = va_arg(ap, void *);
+		va_end(ap);
+	}
+	if (!a->tracking)
+		return (void *)syscall(SYS_mremap, old, oldlen, newlen, flags,
+				       want);
+	pthread_mutex_lock(&a->lock);
+	i = rg_first(&a->regions, o);
+	known = i < a->regions.n && a->regions.v[i].start <= o;
+	if (known)
+		r = a->regions.v[i];
+	p = (void *)syscall(SYS_mremap, old, oldlen, newlen, flags, want);
+	err = errno;
+	if (p != MAP_FAILED) {
+		uintptr_t n = (uintptr_t)p;
+
+		forget(a, o, o + PAGE_UP(oldlen));
+		forget(a, n, n + PAGE_UP(newlen));
+		if (known && rg_add(&a->regions, n, n + PAGE_UP(newlen),
+				    r.prot, r.flags) == 0 &&
+		    (r.flags & RG_MERGEABLE))
+			agent_notify(a, SP_REG, n, n + PAGE_UP(newlen));
+	}
+	pthread_mutex_unlock(&a->lock);
+	errno = err;
+	return p;
+}
+
+SAMEPAGE_API int mprotect(void *addr, size_t len, int prot)
+{
+	struct sp_agent *a = &sp_agent;
+	int r, err;
+
+	if (!a->tracking)
+		return (int)syscall(SYS_mprotect, addr, len, prot);
+	pthread_mutex_lock(&a->lock);
+	r = (int)syscall(SYS_mprotect, addr, len, prot);
+	err = errno;
+	if (r == 0)
+		rg_update(&a->regions, (uintptr_t)addr,
+			  (uintptr_t)addr + PAGE_UP(len), 0, 0, prot);
+	pthread_mutex_unlock(&a->lock);
+	errno = err;
+	return r;
+}
+
+/* 0 if [s, e) is fully mapped, as the kernel's madvise checks. */
+static int check_mapped(uintptr_t s, uintptr_t e)
+{
+	if (s & (SP_PAGE - 1))
+		return -EINVAL;
+	if (s == e)
+		return 0;
+	if (e < s)
+		return -EINVAL;
+	return msync((void *)s, e - s, MS_ASYNC) < 0 ? -ENOMEM : 0;
+}
+
+int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	size_t i = rg_first(&a->regions, s);
+
+	for (; i < a->regions.n && a->regions.v[i].start < e; i++) {
+		struct sp_region *r = &a->regions.v[i];
+		uintptr_t lo = r->start > s ? r->start : s;
+		uintptr_t hi = r->end < e ? r->end : e;
+
+		if ((r->flags & (RG_MERGEABLE | RG_WIPEONFORK)) ||
+		    !mergeable_prot(r->prot))
+			continue;
+		if (rg_update(&a->regions, lo, hi, RG_MERGEABLE, 0, -1) < 0)
+			return -ENOMEM;
+		agent_notify(a, SP_REG, lo, hi);
+		i = rg_first(&a->regions, lo);
+	}
+	return 0;
+}
+
+SAMEPAGE_API int samepage_merge(void *addr, size_t len)
+{
+	struct sp_agent *a = &sp_agent;
+	uintptr_t s = (uintptr_t)addr, e = s + PAGE_UP(len);
+	int r = check_mapped(s, e);
+
+	if (r < 0)
+		return r;
+	pthread_mutex_lock(&a->lock);
+	r = agent_mark_mergeable(a, s, e);
+	pthread_mutex_unlock(&a->lock);
+	return r;
+}
+
+static void unmerge_locked(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	size_t i = rg_first(&a->regions, s);
+
+	for (; i < a->regions.n && a->regions.v[i].start < e; i++) {
+		struct sp_region *r = &a->regions.v[i];
+		uintptr_t lo = r->start > s ? r->start : s;
+		uintptr_t hi = r->end < e ? r->end : e;
+
+		if (r->flags & RG_MERGEABLE)
+			agent_notify(a, SP_UNREG, lo, hi);
+		if (r->flags & (RG_MERGEABLE | RG_MERGED))
+			agent_unmerge_range(a, lo, hi);
+	}
+	rg_update(&a->regions, s, e, 0, RG_MERGEABLE, -1);
+}
+
+SAMEPAGE_API int samepage_unmerge(void *addr, size_t len)
+{
+	struct sp_agent *a = &sp_agent;
+	uintptr_t s = (uintptr_t)addr, e = s + PAGE_UP(len);
+	int r = check_mapped(s, e);
+
+	if (r < 0)
+		return r;
+	pthread_mutex_lock(&a->lock);
+	unmerge_locked(a, s, e);
+	pthread_mutex_unlock(&a->lock);
+	return 0;
+}
+
+SAMEPAGE_API int samepage_set_merge_any(int on)
+{
+	struct sp_agent *a = &sp_agent;
+
+	pthread_mutex_lock(&a->lock);
+	a->tracking = 1;
+	a->merge_any = on != 0;
+	if (on) {
+		for (size_t i = 0; i < a->regions.n; i++)
+			if (a->regions.v[i].end - a->regions.v[i].start >=
+			    a->any_min)
+				agent_mark_mergeable(a, a->regions.v[i].start,
+						     a->regions.v[i].end);
+	} else if (a->regions.n) {
+		unmerge_locked(a, a->regions.v[0].start,
+			       a->regions.v[a->regions.n - 1].end);
+	}
+	pthread_mutex_unlock(&a->lock);
+	return 0;
+}
+
+SAMEPAGE_API int samepage_get_merge_any(void)
+{
+	return sp_agent.merge_any;
+}
+
+/*
+ * MADV_DONTNEED/FREE on a private anonymous range means "zeros next
+ * time".  Where pool pages are mapped the range is a private file
+ * mapping, where DONTNEED would show the pool page again: give those
+ * parts a fresh anonymous mapping instead.
+ */
+static int discard(struct sp_agent *a, uintptr_t s, uintptr_t e, int adv)
+{
+	size_t i = rg_first(&a->regions, s);
+	uintptr_t at = s;
+	int r = 0;
+
+	for (; i < a->regions.n && a->regions.v[i].start < e; i++) {
+		struct sp_region reg = a->regions.v[i];
+		uintptr_t lo = reg.start > s ? reg.start : s;
+		uintptr_t hi = reg.end < e ? reg.end : e;
+
+		if (!(reg.flags & RG_MERGED))
+			continue;
+		if (lo > at && sys_madvise((void *)at, lo - at, adv) < 0)
+			r = -errno;
+		if (sys_mmap((void *)lo, hi - lo, reg.prot,
+			     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+			     0) == MAP_FAILED)
+			r = -errno;
+		if (reg.flags & RG_DONTFORK)
+			sys_madvise((void *)lo, hi - lo, MADV_DONTFORK);
+		if (reg.flags & RG_DONTDUMP)
+			sys_madvise((void *)lo, hi - lo, MADV_DONTDUMP);
+		rg_update(&a->regions, lo, hi, 0, RG_MERGED, -1);
+		i = rg_first(&a->regions, lo);
+		at = hi;
+	}
+	if (at < e && sys_madvise((void *)at, e - at, adv) < 0)
+		r = -errno;
+	return r;
+}
+
+static unsigned madv_flag(int adv, unsigned *clear)
+{
+	*clear = 0;
+	switch (adv) {
+	case MADV_DONTFORK: return RG_DONTFORK;
+	case MADV_DOFORK: *clear = RG_DONTFORK; return 0;
+	case MADV_DONTDUMP: return RG_DONTDUMP;
+	case MADV_DODUMP: *clear = RG_DONTDUMP; return 0;
+	case MADV_WIPEONFORK: *clear = RG_MERGEABLE; return RG_WIPEONFORK;
+	case MADV_KEEPONFORK: *clear = RG_WIPEONFORK; return 0;
+	default: return 0;
+	}
+}
+
+static int madvise_tracked(struct sp_agent *a, uintptr_t s, uintptr_t e,
+			   int adv)
+{
+	unsigned set, clear;
+	int r;
+
+	if (adv == MADV_DONTNEED || adv == MADV_FREE ||
+	    adv == MADV_DONTNEED_LOCKED) {
+		r = check_mapped(s, e);
+		return r < 0 ? r : discard(a, s, e, adv);
+	}
+	if (sys_madvise((void *)s, e - s, adv) < 0)
+		return -errno;
+	set = madv_flag(adv, &clear);
+	if (set | clear) {
+		if (clear & RG_MERGEABLE)
+			unmerge_locked(a, s, e);
+		rg_update(&a->regions, s, e, set, clear, -1);
+	}
+	return 0;
+}
+
+SAMEPAGE_API int madvise(void *addr, size_t len, int advice)
+{
+	struct sp_agent *a = &sp_agent;
+	uintptr_t s = (uintptr_t)addr, e = s + PAGE_UP(len);
+	int r;
+
+	if (advice == MADV_MERGEABLE)
+		r = samepage_merge(addr, len);
+	else if (advice == MADV_UNMERGEABLE)
+		r = samepage_unmerge(addr, len);
+	else if (!a->tracking)
+		return sys_madvise(addr, len, advice);
+	else {
+		pthread_mutex_lock(&a->lock);
+		r = madvise_tracked(a, s, e, advice);
+		pthread_mutex_unlock(&a->lock);
+	}
+	if (r < 0) {
+		errno = -r;
+		return -1;
+	}
+	return 0;
+}
+
+SAMEPAGE_API int prctl(int option, ...)
+{
+	unsigned long arg[4];
+	va_list ap;
+
+	va_start(ap, option);
+	for (int i = 0; i < 4; i++)
+		arg[i] = va_arg(ap, unsigned long);
+	va_end(ap);
+	if (option == PR_SET_MEMORY_MERGE || option == PR_GET_MEMORY_MERGE) {
+		if (arg[1] || arg[2] || arg[3] ||
+		    (option == PR_GET_MEMORY_MERGE && arg[0])) {
+			errno = EINVAL;
+			return -1;
+		}
+		if (option == PR_GET_MEMORY_MERGE)
+			return samepage_get_merge_any();
+		return samepage_set_merge_any((int)arg[0]);
+	}
+	return (int)syscall(SYS_prctl, option, arg[0], arg[1], arg[2],
+			    arg[3]);
+}

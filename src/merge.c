@@ -1,0 +1,373 @@
+/*
+ * merge.c - carry out one merge item inside the program.
+ *
+ * DESIGN
+ * An item is a run of consecutive pages [addr, addr + n pages) that the
+ * daemon believes equal to n consecutive pool pages (or to zero).  The
+ * agent never trusts that belief.  With the agent lock held (so the
+ * program's own mmap/munmap/mremap/madvise/mprotect and fork wait):
+ *
+ *   1. register the run with userfaultfd in MISSING mode;
+ *   2. UFFDIO_MOVE the pages into the scratch area.  Any access to the
+ *      now-empty addresses, by a thread or by the kernel (read(2),
+ *      O_DIRECT), blocks until step 6.  MOVE refuses pinned pages
+ *      (EBUSY): those are never merged;
+ *   3. compare each moved page, byte for byte, with its pool page (the
+ *      pool is written only by the daemon and never while leased);
+ *   4. for each equal sub-run, map the pool pages MAP_PRIVATE at a
+ *      temporary address, populate them, check them again against the
+ *      saved copy and in pagemap, then mremap them over the hole.  The
+ *      program cannot see a mapping before it is verified;
+ *      all-zero pages get UFFDIO_ZEROPAGE instead (no pool, no VMA);
+ *   5. move every other page back where it was;
+ *   6. wake the blocked accesses and unregister.
+ * A page that cannot be put back by MOVE is put back by UFFDIO_COPY; if
+ * even that fails the process aborts rather than run on with a hole.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "sp.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* Recount the real VMA total after this many mappings made. */
+static const uint64_t recount_every = 512;
+
+/* Fault injection for tests: SAMEPAGE_FAULT=verify|map|moveback. */
+static bool fault(const char *what)
+{
+	const char *f = getenv("SAMEPAGE_FAULT");
+
+	return f && strstr(f, what);
+}
+
+void agent_recount_maps(struct sp_agent *a)
+{
+	FILE *f = fopen("/proc/self/maps", "re");
+	uint64_t n = 0;
+	int c;
+
+	if (!f)
+		return;
+	while ((c = getc(f)) != EOF)
+		n += c == '\n';
+	fclose(f);
+	a->figs.mappings = n;
+	a->recount_at = n + recount_every;
+}
+
+static bool budget_allows(struct sp_agent *a, uint64_t more)
+{
+	if (a->figs.mappings + more >= a->recount_at ||
+	    a->figs.mappings + more > a->figs.map_budget)
+		agent_recount_maps(a);
+	if (a->figs.mappings + more <= a->figs.map_budget)
+		return true;
+	if (!a->budget_logged) {
+		log_warnx("mapping budget reached (%llu of vm.max_map_count "
+			  "%llu); merging fewer pages. Raise it with: "
+			  "sysctl -w vm.max_map_count=262144",
+			  (unsigned long long)a->figs.map_budget,
+			  (unsigned long long)a->map_limit);
+		a->budget_logged = 1;
+	}
+	return false;
+}
+
+/* Put scratch pages [i, i + n) back at addr.  Must not fail. */
+static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
+		      size_t n)
+{
+	uintptr_t dst = addr + i * SP_PAGE;
+	uintptr_t src = (uintptr_t)a->scratch + i * SP_PAGE;
+	size_t moved, k;
+
+	if (!fault("moveback") &&
+	    uffd_move(a->uffd, dst, src, n * SP_PAGE, &moved) == 0)
+		return;
+	if (fault("moveback"))
+		moved = 0;
+	for (k = moved / SP_PAGE; k < n; k++) {
+		uintptr_t d = dst + k * SP_PAGE, s = src + k * SP_PAGE;
+		size_t one;
+
+		if (!fault("moveback") &&
+		    uffd_move(a->uffd, d, s, SP_PAGE, &one) == 0)
+			continue;
+		/* Copy the saved bytes instead; the scratch page is
+		 * dropped with the rest of the scratch area later. */
+		if (uffd_copy(a->uffd, d, s, SP_PAGE) == 0)
+			continue;
+		log_warn("cannot restore page %#lx", (unsigned long)d);
+		SP_ASSERT(!"page could not be restored");
+	}
+}
+
+/* Move [addr, addr + n) out; in[i] says page i is now in scratch. */
+static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
+		    uint8_t *in)
+{
+	size_t i = 0, k, moved;
+	int tries = 0, r;
+
+	while (i < n) {
+		r = uffd_move(a->uffd, (uintptr_t)a->scratch + i * SP_PAGE,
+			      addr + i * SP_PAGE, (n - i) * SP_PAGE, &moved);
+		for (k = 0; k < moved / SP_PAGE; k++)
+			in[i + k] = 1;
+		i += moved / SP_PAGE;
+		if (r == 0)
+			break;
+		if (r == -EAGAIN && tries++ < 3)
+			continue;
+		tries = 0;
+		if (r == -EBUSY)	/* pinned, or shared after fork */
+			a->figs.pinned_skipped++;
+		else if (r != -ENOENT && r != -EEXIST)
+			return r;	/* whole-range refusal */
+		i++;
+	}
+	return 0;
+}
+
+static bool pool_pfns_match(struct sp_agent *a, uintptr_t tmp,
+			    const uint8_t *pool, size_t n)
+{
+	uint64_t mine[SP_ITEM_PAGES], theirs[SP_ITEM_PAGES];
+	size_t i;
+
+	if (sp_pagemap_read(a->pagemap, tmp, n, mine) < 0 ||
+	    sp_pagemap_read(a->pagemap, (uintptr_t)pool, n, theirs) < 0)
+		return false;
+	for (i = 0; i < n; i++) {
+		if ((mine[i] & (PM_PRESENT | PM_FILE)) !=
+		    (PM_PRESENT | PM_FILE))
+			return false;
+		/* PFNs read as 0 without CAP_SYS_ADMIN: compare if we can */
+		if (PM_PFN(mine[i]) && PM_PFN(mine[i]) != PM_PFN(theirs[i]))
+			return false;
+	}
+	return true;
+}
+
+static void reapply_flags(struct sp_agent *a, uintptr_t s, size_t len)
+{
+	size_t i = rg_first(&a->regions, s);
+
+	for (; i < a->regions.n && a->regions.v[i].start < s + len; i++) {
+		uintptr_t lo = a->regions.v[i].start > s
+				       ? a->regions.v[i].start : s;
+		uintptr_t hi = a->regions.v[i].end < s + len
+				       ? a->regions.v[i].end : s + len;
+
+		if (a->regions.v[i].flags & RG_DONTFORK)
+			sys_madvise((void *)lo, hi - lo, MADV_DONTFORK);
+		if (a->regions.v[i].flags & RG_DONTDUMP)
+			sys_madvise((void *)lo, hi - lo, MADV_DONTDUMP);
+	}
+}
+
+/* Map pool pages [pgoff, pgoff + n) over the hole at addr, verified. */
+static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
+		   size_t n, const uint8_t *saved)
+{
+	size_t len = n * SP_PAGE;
+	const uint8_t *pool = a->pool + pgoff * SP_PAGE;
+	void *tmp, *r;
+
+	if (!budget_allows(a, 2)) {
+		a->figs.budget_refusals += n;
+		return -ENOMEM;
+	}
+	tmp = sys_mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE,
+		       a->poolfd, (off_t)(pgoff * SP_PAGE));
+	if (tmp == MAP_FAILED)
+		return -errno;
+	if (sys_madvise(tmp, len, MADV_POPULATE_READ) < 0 ||
+	    memcmp(tmp, saved, len) != 0 || fault("verify") ||
+	    !pool_pfns_match(a, (uintptr_t)tmp, pool, n)) {
+		log_debug("verify failed at %#lx", (unsigned long)addr);
+		sys_munmap(tmp, len);
+		return -EIO;
+	}
+	r = fault("map") ? MAP_FAILED
+			 : (void *)syscall(SYS_mremap, tmp, len, len,
+					   MREMAP_MAYMOVE | MREMAP_FIXED,
+					   addr);
+	if (r == MAP_FAILED) {
+		int err = fault("map") ? -ENOMEM : -errno;
+
+		sys_munmap(tmp, len);
+		return err;
+	}
+	a->figs.mappings += 2;
+	reapply_flags(a, addr, len);
+	return 0;
+}
+
+static void set_bits(struct sp_item_result *res, size_t i, size_t n)
+{
+	for (; n; i++, n--)
+		res->merged[i / 64] |= 1ULL << (i % 64);
+}
+
+static bool page_equal(struct sp_agent *a, const struct sp_item *it,
+		       size_t i)
+{
+	const uint8_t *p = a->scratch + i * SP_PAGE;
+
+	if (it->kind == SP_ITEM_ZERO)
+		return sp_page_is_zero(p);
+	return memcmp(p, a->pool + (it->pgoff + i) * SP_PAGE, SP_PAGE) == 0;
+}
+
+/* Move back every page of [i, j) that is in scratch, a run at a time. */
+static void restore(struct sp_agent *a, uintptr_t addr, const uint8_t *in,
+		    size_t i, size_t j)
+{
+	while (i < j) {
+		size_t k;
+
+		for (; i < j && !in[i]; i++)
+			;
+		for (k = i; k < j && in[k]; k++)
+			;
+		if (k > i)
+			move_back(a, addr, i, k - i);
+		i = k;
+	}
+}
+
+/* Merge the equal sub-run [i, j); false: it must be moved back. */
+static bool merge_run(struct sp_agent *a, const struct sp_item *it,
+		      size_t i, size_t j)
+{
+	uintptr_t at = it->addr + i * SP_PAGE;
+	size_t n = j - i;
+
+	if (it->kind == SP_ITEM_ZERO) {
+		if (uffd_zeropage(a->uffd, at, n * SP_PAGE) < 0)
+			return false;
+		a->zero_pages += n;
+		return true;
+	}
+	if (map_run(a, at, it->pgoff + i, n, a->scratch + i * SP_PAGE) < 0)
+		return false;
+	rg_update(&a->regions, at, at + n * SP_PAGE, RG_MERGED, 0, -1);
+	a->merged_pages += n;
+	return true;
+}
+
+int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
+		     struct sp_item_result *res)
+{
+	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
+	size_t n = it->npages, len = n * SP_PAGE, i, j;
+	int r;
+
+	memset(res, 0, sizeof(*res));
+	if (!rg_covered(&a->regions, it->addr, it->addr + len, RG_MERGEABLE))
+		return 0;	/* unmapped or unmerged since: stale */
+	if (it->kind == SP_ITEM_POOL &&
+	    (it->pgoff + n) * SP_PAGE > a->pool_bytes)
+		return -EINVAL;
+	r = uffd_register(a->uffd, it->addr, len);
+	if (r < 0)
+		return 0;
+	r = move_out(a, it->addr, n, in);
+	for (i = 0; i < n; i++) {
+		eq[i] = in[i] && page_equal(a, it, i);
+		if (in[i] && !eq[i])
+			a->figs.changed_skipped++;
+	}
+	for (i = 0; i < n; i = j) {
+		for (j = i + 1; j < n && eq[j] == eq[i]; j++)
+			;
+		if (eq[i] && merge_run(a, it, i, j))
+			set_bits(res, i, j - i);
+		else
+			restore(a, it->addr, in, i, j);
+	}
+	sys_madvise(a->scratch, len, MADV_DONTNEED);
+	uffd_wake(a->uffd, it->addr, len);
+	if (uffd_unregister(a->uffd, it->addr, len) < 0)
+		log_warn("unregister %#lx", (unsigned long)it->addr);
+	return r;
+}
+
+/* Give [p, p + n pages) private copies again without changing a byte. */
+static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
+{
+	char path[64];
+	int fd;
+
+	if (sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
+		return;
+	/* Read-only mapping: write each page's first byte back through
+	 * /proc/self/mem (FOLL_FORCE breaks CoW); nobody can write these
+	 * pages concurrently, they are not writable. */
+	snprintf(path, sizeof(path), "/proc/self/mem");
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		char c;
+		off_t off = (off_t)(p + i * SP_PAGE);
+
+		if (pread(fd, &c, 1, off) == 1 && pwrite(fd, &c, 1, off) != 1)
+			log_warn("unmerge %#lx", (unsigned long)off);
+	}
+	close(fd);
+	(void)a;
+}
+
+int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	uint64_t pm[SP_ITEM_PAGES];
+
+	while (s < e) {
+		size_t n = (e - s) / SP_PAGE, i, j;
+
+		if (n > SP_ITEM_PAGES)
+			n = SP_ITEM_PAGES;
+		if (sp_pagemap_read(a->pagemap, s, n, pm) < 0)
+			return -EIO;
+		for (i = 0; i < n; i++) {
+			bool shared = (pm[i] & PM_PRESENT) &&
+				      ((pm[i] & PM_FILE) ||
+				       (!(pm[i] & PM_EXCL) &&
+					sp_page_is_zero((void *)(s + i * SP_PAGE))));
+
+			pm[i] = shared;
+		}
+		for (i = 0; i < n; i = j) {
+			for (j = i + 1; j < n && pm[j] == pm[i]; j++)
+				;
+			if (pm[i])
+				break_cow(a, s + i * SP_PAGE, j - i);
+		}
+		s += n * SP_PAGE;
+	}
+	return 0;
+}
+
+int agent_unmerge_all(struct sp_agent *a)
+{
+	for (size_t i = 0; i < a->regions.n; i++) {
+		struct sp_region *r = &a->regions.v[i];
+
+		if (r->flags & (RG_MERGEABLE | RG_MERGED))
+			agent_unmerge_range(a, r->start, r->end);
+	}
+	return 0;
+}

@@ -1,0 +1,297 @@
+/*
+ * pool.c - the pool of canonical pages and its content index.
+ *
+ * DESIGN
+ * The pool is one memfd that only the daemon writes; clients map its pages
+ * MAP_PRIVATE, so the kernel does copy-on-write for them.  A slot is one
+ * pool page.  Slots come from a bump pointer so that a run of new
+ * duplicates gets consecutive slots (one mmap per run in the client);
+ * freed slots are reused first-freed-first once enough have piled up.
+ *
+ * A slot is freed (hole punched) only when the kernel says nobody else
+ * maps it: our own mapping is exclusive (pagemap bit 56) AND no other
+ * process has a VMA of the pool over it without a private copy in place.
+ * The second check matters: fork does not copy page-table entries of a
+ * private file mapping that has no anonymous pages yet, so a child can map
+ * a slot with no mapcount to show for it (measured on this kernel).
+ */
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "sp.h"
+
+/* Reuse freed slots once this many have piled up, else bump. */
+static const uint32_t reuse_after = 4096;
+
+int pool_init(struct pool *p, uint64_t bytes)
+{
+	struct stat st;
+
+	memset(p, 0, sizeof(*p));
+	p->fd = memfd_create(SP_POOL_NAME, MFD_CLOEXEC);
+	if (p->fd < 0)
+		return -errno;
+	if (ftruncate(p->fd, (off_t)bytes) < 0 || fstat(p->fd, &st) < 0)
+		return -errno;
+	p->base = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+		       MAP_SHARED | MAP_NORESERVE, p->fd, 0);
+	if (p->base == MAP_FAILED)
+		return -errno;
+	madvise(p->base, bytes, MADV_NOHUGEPAGE);
+	p->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	p->bytes = bytes;
+	p->nslots = (uint32_t)(bytes / SP_PAGE);
+	p->dev = st.st_dev;
+	p->ino = st.st_ino;
+	p->nbuckets = 4096;
+	p->buckets = calloc(p->nbuckets, sizeof(uint32_t));
+	return p->buckets ? 0 : -ENOMEM;
+}
+
+static void bucket_insert(struct pool *p, uint32_t i)
+{
+	uint32_t *b = &p->buckets[p->s[i].hash & (p->nbuckets - 1)];
+
+	p->s[i].next = *b;
+	*b = i + 1;
+}
+
+static void bucket_remove(struct pool *p, uint32_t i)
+{
+	uint32_t *b = &p->buckets[p->s[i].hash & (p->nbuckets - 1)];
+
+	while (*b && *b != i + 1)
+		b = &p->s[*b - 1].next;
+	SP_ASSERT(*b == i + 1);
+	*b = p->s[i].next;
+}
+
+static int rehash(struct pool *p)
+{
+	uint32_t nb = p->nbuckets * 2, *v = calloc(nb, sizeof(uint32_t));
+
+	if (!v)
+		return -ENOMEM;
+	free(p->buckets);
+	p->buckets = v;
+	p->nbuckets = nb;
+	for (uint32_t i = 0; i < p->bump; i++)
+		if (p->s[i].used)
+			bucket_insert(p, i);
+	return 0;
+}
+
+uint32_t pool_lookup(struct pool *p, uint64_t hash, const void *page)
+{
+	uint32_t b = p->buckets[hash & (p->nbuckets - 1)];
+
+	for (; b; b = p->s[b - 1].next) {
+		uint32_t i = b - 1;
+
+		if (p->s[i].hash == hash &&
+		    memcmp(p->base + (uint64_t)i * SP_PAGE, page, SP_PAGE) == 0)
+			return i;
+	}
+	return NO_SLOT;
+}
+
+static uint32_t take_slot(struct pool *p)
+{
+	if (p->nfree >= reuse_after || (p->bump >= p->nslots && p->nfree)) {
+		uint32_t i = p->freelist[0];
+
+		memmove(p->freelist, p->freelist + 1,
+			(p->nfree - 1) * sizeof(uint32_t));
+		p->nfree--;
+		return i;
+	}
+	if (p->bump >= p->nslots)
+		return NO_SLOT;
+	if (p->bump >= p->cap) {
+		uint32_t cap = p->cap ? p->cap * 2 : 65536;
+		struct slot *s = realloc(p->s, cap * sizeof(*s));
+
+		if (!s)
+			return NO_SLOT;
+		memset(s + p->cap, 0, (cap - p->cap) * sizeof(*s));
+		p->s = s;
+		p->cap = cap;
+	}
+	return p->bump++;
+}
+
+uint32_t pool_alloc(struct pool *p, uint64_t hash, const void *page)
+{
+	uint32_t i;
+
+	if (p->used >= 2ULL * p->nbuckets && rehash(p) < 0)
+		return NO_SLOT;
+	i = take_slot(p);
+	if (i == NO_SLOT)
+		return NO_SLOT;
+	memcpy(p->base + (uint64_t)i * SP_PAGE, page, SP_PAGE);
+	p->s[i] = (struct slot){ .hash = hash, .used = 1 };
+	bucket_insert(p, i);
+	p->used++;
+	return i;
+}
+
+void pool_ref(struct pool *p, uint32_t i)
+{
+	SP_ASSERT(i < p->bump && p->s[i].used);
+	if (p->s[i].refs++ == 0)
+		p->shared++;
+	p->total_refs++;
+}
+
+void pool_unref(struct pool *p, uint32_t i)
+{
+	SP_ASSERT(i < p->bump && p->s[i].used && p->s[i].refs > 0);
+	if (--p->s[i].refs == 0)
+		p->shared--;
+	p->total_refs--;
+}
+
+uint64_t pool_meta_bytes(const struct pool *p)
+{
+	return (uint64_t)p->cap * sizeof(struct slot) +
+	       (uint64_t)p->nbuckets * sizeof(uint32_t) +
+	       (uint64_t)p->nfree * sizeof(uint32_t);
+}
+
+/* Mark cand[i] = 1 for slots nobody references in our books and that our
+ * own mapping holds exclusively.  Returns how many. */
+static uint64_t gc_candidates(struct pool *p, uint8_t *cand)
+{
+	uint64_t pm[512], n = 0;
+
+	for (uint32_t i = 0; i < p->bump; i += 512) {
+		uint32_t k = p->bump - i < 512 ? p->bump - i : 512;
+
+		if (sp_pagemap_read(p->pagemap,
+				    (uintptr_t)p->base + (uint64_t)i * SP_PAGE,
+				    k, pm) < 0)
+			return 0;
+		for (uint32_t j = 0; j < k; j++) {
+			struct slot *s = &p->s[i + j];
+
+			cand[i + j] = s->used && !s->refs && !s->lease &&
+				      (!(pm[j] & PM_PRESENT) ||
+				       (pm[j] & PM_EXCL));
+			n += cand[i + j];
+		}
+	}
+	return n;
+}
+
+/* One VMA of the pool in another process: unmark the slots it uses. */
+static void gc_vma(int pmfd, uint64_t start, uint64_t end, uint64_t pgoff,
+		   uint32_t bump, uint8_t *cand)
+{
+	uint64_t pm[512];
+
+	for (uint64_t a = start; a < end && pgoff < bump;) {
+		uint64_t k = (end - a) / SP_PAGE;
+
+		if (k > 512)
+			k = 512;
+		if (pgoff + k > bump)
+			k = bump - pgoff;
+		if (pmfd < 0 || sp_pagemap_read(pmfd, a, k, pm) < 0) {
+			memset(cand + pgoff, 0, k);	/* cannot tell */
+		} else {
+			for (uint64_t j = 0; j < k; j++)
+				if (!(pm[j] & PM_PRESENT) || (pm[j] & PM_FILE))
+					cand[pgoff + j] = 0;
+		}
+		a += k * SP_PAGE;
+		pgoff += k;
+	}
+}
+
+static void gc_process(struct pool *p, const char *pid, uint8_t *cand)
+{
+	char path[64], line[512];
+	int pmfd;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%s/maps", pid);
+	f = fopen(path, "re");
+	if (!f)
+		return;
+	snprintf(path, sizeof(path), "/proc/%s/pagemap", pid);
+	pmfd = open(path, O_RDONLY | O_CLOEXEC);
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long long s, e, off, ino;
+		unsigned maj, mnr;
+
+		if (!strstr(line, SP_POOL_NAME))
+			continue;
+		if (sscanf(line, "%llx-%llx %*s %llx %x:%x %llu", &s, &e, &off,
+			   &maj, &mnr, &ino) != 6 || ino != p->ino)
+			continue;
+		gc_vma(pmfd, s, e, off / SP_PAGE, p->bump, cand);
+	}
+	if (pmfd >= 0)
+		close(pmfd);
+	fclose(f);
+}
+
+static void gc_free(struct pool *p, uint32_t i)
+{
+	bucket_remove(p, i);
+	p->s[i].used = 0;
+	p->used--;
+	p->freelist[p->nfree++] = i;
+}
+
+uint64_t pool_gc(struct pool *p)
+{
+	uint8_t *cand;
+	uint32_t *fl;
+	uint64_t freed = 0;
+	struct dirent *de;
+	char self[32];
+	DIR *dir;
+
+	if (!p->bump || p->used == p->shared)
+		return 0;
+	cand = calloc(p->bump, 1);
+	fl = realloc(p->freelist, (p->nfree + p->bump) * sizeof(uint32_t));
+	if (!cand || !fl) {
+		free(cand);
+		return 0;
+	}
+	p->freelist = fl;
+	if (!gc_candidates(p, cand) || !(dir = opendir("/proc")))
+		goto out;
+	snprintf(self, sizeof(self), "%d", (int)getpid());
+	while ((de = readdir(dir)))
+		if (isdigit((unsigned char)de->d_name[0]) &&
+		    strcmp(de->d_name, self))
+			gc_process(p, de->d_name, cand);
+	closedir(dir);
+	for (uint32_t i = 0; i < p->bump; i++) {
+		if (!cand[i])
+			continue;
+		if (fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			      (off_t)i * (off_t)SP_PAGE, SP_PAGE) < 0) {
+			log_warn("punch pool slot %u", i);
+			continue;
+		}
+		gc_free(p, i);
+		freed++;
+	}
+out:
+	free(cand);
+	return freed;
+}

@@ -1,0 +1,277 @@
+/*
+ * scan.c - the scanner: walk the registered pages of every client, a
+ * budget of pages per wake-up as ksmd does, and plan merges.
+ *
+ * DESIGN
+ * Per chunk of a range: read the client's pagemap, skip pages that are
+ * not present (reading them would allocate them on this kernel), already
+ * merged, or shared after fork (UFFDIO_MOVE cannot take those); read the
+ * rest with process_vm_readv and hash them with xxh3.  A page is a
+ * candidate only once its hash is unchanged since the previous pass (the
+ * volatility filter).  A candidate equal to a pool page (full compare)
+ * is planned onto it; an all-zero one is planned as a zero page; one equal
+ * to a page in the unstable table (re-read and compared in full) gets a
+ * new pool slot, and both are planned onto it.  Plans for consecutive
+ * pages with consecutive slots become one item: one mapping in the client.
+ * The agent compares again before anything is replaced.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <xxhash.h>
+
+#include "sp.h"
+
+#define CHUNK 512
+/* Batches a client may leave unanswered before planning for it pauses. */
+static const uint32_t max_inflight = 4;
+/* Pages visited per wake-up, present or not, per page of the budget. */
+static const uint64_t visit_factor = 16;
+/* Least time between two garbage collections of the pool. */
+static const uint64_t gc_interval_ms = 1000;
+
+static void plan(struct daemon *d, struct client *c, struct pstate *st,
+		 uint64_t addr, uint32_t kind, uint32_t slot)
+{
+	struct sp_item *last = c->npend ? &c->pend[c->npend - 1] : NULL;
+
+	st->flags |= PS_INFLIGHT;
+	if (kind == SP_ITEM_POOL) {
+		d->pool.s[slot].lease++;
+		d->pool.leased++;
+	}
+	if (last && last->kind == kind &&
+	    last->addr + last->npages * SP_PAGE == addr &&
+	    last->npages < SP_ITEM_PAGES &&
+	    (kind == SP_ITEM_ZERO || last->pgoff + last->npages == slot)) {
+		last->npages++;
+		return;
+	}
+	if (c->npend == SP_BATCH_ITEMS)
+		scan_flush(d, c);
+	c->pend[c->npend++] = (struct sp_item){
+		.addr = addr, .pgoff = slot, .npages = 1, .kind = kind,
+	};
+}
+
+void scan_flush(struct daemon *d, struct client *c)
+{
+	struct {
+		struct sp_merge h;
+		struct sp_item it[SP_BATCH_ITEMS];
+	} m;
+	struct batch *b;
+
+	if (!c->npend)
+		return;
+	b = malloc(sizeof(*b));
+	SP_ASSERT(b);
+	b->id = ++c->next_batch;
+	b->nitems = c->npend;
+	memcpy(b->items, c->pend, c->npend * sizeof(struct sp_item));
+	m.h.batch = b->id;
+	m.h.nitems = b->nitems;
+	memcpy(m.it, b->items, b->nitems * sizeof(struct sp_item));
+	c->npend = 0;
+	if (sp_send(c->fd, SP_MERGE, &m,
+		    sizeof(m.h) + b->nitems * sizeof(struct sp_item)) < 0) {
+		for (uint32_t i = 0; i < b->nitems; i++)
+			client_apply(d, c, &b->items[i], NULL);
+		free(b);
+		return;
+	}
+	b->next = c->inflight;
+	c->inflight = b;
+	c->ninflight++;
+}
+
+/* Is this page worth reading?  Also notices merges that ended. */
+static bool classify(struct daemon *d, struct client *c, struct pstate *st,
+		     uint64_t pm)
+{
+	if (st->flags & PS_INFLIGHT)
+		return false;
+	if (!(pm & PM_PRESENT)) {
+		client_release(c, &d->pool, st);	/* unmapped, dropped */
+		return false;
+	}
+	if (pm & PM_FILE)
+		return false;		/* a pool page: still merged */
+	if (ST_IS_POOL(st->slot))
+		client_release(c, &d->pool, st);	/* CoW broken */
+	if (!(pm & PM_EXCL))
+		return false;		/* zero page, or shared after fork */
+	client_release(c, &d->pool, st);	/* a zero page written */
+	return true;
+}
+
+static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
+		     uint64_t addr, const uint8_t *page, uint64_t h,
+		     struct ut_entry *e)
+{
+	struct client *oc = client_by_id(d, e->client);
+	struct pstate *ost;
+	struct iovec lo = { d->cmp, SP_PAGE }, ro;
+	uint32_t slot;
+
+	if (!oc || oc->ninflight >= max_inflight)
+		return false;
+	ost = client_page(oc, e->addr);
+	if (!ost || (ost->flags & PS_INFLIGHT) || ost->slot != ST_NONE ||
+	    ost->hash != h)
+		return false;
+	ro.iov_base = (void *)(uintptr_t)e->addr;
+	ro.iov_len = SP_PAGE;
+	if (process_vm_readv(oc->pid, &lo, 1, &ro, 1, 0) != (ssize_t)SP_PAGE ||
+	    memcmp(d->cmp, page, SP_PAGE) != 0)
+		return false;
+	slot = pool_alloc(&d->pool, h, page);
+	if (slot == NO_SLOT)
+		return false;
+	plan(d, oc, ost, e->addr, SP_ITEM_POOL, slot);
+	plan(d, c, st, addr, SP_ITEM_POOL, slot);
+	ut_del(&d->ut, e);
+	return true;
+}
+
+static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
+			struct pstate *st, const uint8_t *page)
+{
+	uint64_t h = XXH3_64bits(page, SP_PAGE);
+	struct ut_entry *e;
+	uint32_t slot;
+
+	if (!(st->flags & PS_SEEN) || st->hash != h) {
+		if (st->flags & PS_SEEN)
+			d->volatile_cur++;
+		st->hash = h;
+		st->flags |= PS_SEEN;
+		return;
+	}
+	if (c->ninflight >= max_inflight)
+		return;
+	if (d->use_zero_pages && h == d->zero_hash && sp_page_is_zero(page)) {
+		plan(d, c, st, addr, SP_ITEM_ZERO, 0);
+		return;
+	}
+	slot = pool_lookup(&d->pool, h, page);
+	if (slot != NO_SLOT) {
+		plan(d, c, st, addr, SP_ITEM_POOL, slot);
+		return;
+	}
+	e = ut_find(&d->ut, h);
+	if (e && !(e->client == c->id && e->addr == addr) &&
+	    try_pair(d, c, st, addr, page, h, e))
+		return;
+	ut_put(&d->ut, h, c->id, addr);
+}
+
+/* Scan pages [first, first + n) of r; returns pages read. */
+static uint64_t scan_chunk(struct daemon *d, struct client *c,
+			  struct drange *r, uint64_t first, uint64_t n)
+{
+	static uint64_t pm[CHUNK];
+	static uint32_t idx[CHUNK];
+	static struct iovec rio[CHUNK];
+	struct iovec lio;
+	uint64_t base = r->start + first * SP_PAGE, nc = 0;
+	ssize_t got;
+
+	if (sp_pagemap_read(c->pagemap, base, n, pm) < 0)
+		return 0;
+	for (uint64_t i = 0; i < n; i++) {
+		if (!classify(d, c, &r->st[first + i], pm[i]))
+			continue;
+		idx[nc] = (uint32_t)i;
+		rio[nc].iov_base = (void *)(uintptr_t)(base + i * SP_PAGE);
+		rio[nc].iov_len = SP_PAGE;
+		nc++;
+	}
+	if (!nc)
+		return 0;
+	lio.iov_base = d->buf;
+	lio.iov_len = nc * SP_PAGE;
+	got = process_vm_readv(c->pid, &lio, 1, rio, nc, 0);
+	if (got <= 0)
+		return 0;
+	nc = (uint64_t)got / SP_PAGE;
+	for (uint64_t k = 0; k < nc; k++)
+		handle_page(d, c, base + idx[k] * SP_PAGE, &r->st[first + idx[k]],
+			    d->buf + k * SP_PAGE);
+	d->pages_scanned += nc;
+	return nc;
+}
+
+static void end_pass(struct daemon *d)
+{
+	uint64_t now = sp_now_ms();
+
+	d->full_scans++;
+	d->pages_volatile = d->volatile_cur;
+	d->volatile_cur = 0;
+	ut_clear(&d->ut);
+	if (now - d->last_gc >= gc_interval_ms) {
+		uint64_t n = pool_gc(&d->pool);
+
+		if (n)
+			log_debug("freed %llu pool pages", (unsigned long long)n);
+		d->last_gc = now;
+	}
+}
+
+static struct client *next_client(struct daemon *d, int from)
+{
+	struct client *best = NULL;
+
+	for (struct client *c = d->clients; c; c = c->next)
+		if (c->agent && c->nr && c->id >= from &&
+		    (!best || c->id < best->id))
+			best = c;
+	return best;
+}
+
+void scan_tick(struct daemon *d)
+{
+	uint64_t budget = d->pages_to_scan;
+	uint64_t visits = budget * visit_factor;
+	int wraps = 0;
+
+	while (budget && visits) {
+		struct client *c = next_client(d, d->cur_client);
+		struct drange *r;
+		uint64_t first, n, got;
+		size_t i;
+
+		if (!c) {
+			if (wraps++)
+				break;
+			end_pass(d);
+			d->cur_client = 0;
+			d->cur_addr = 0;
+			continue;
+		}
+		if (c->id != d->cur_client) {
+			d->cur_client = c->id;
+			d->cur_addr = 0;
+		}
+		i = client_range_first(c, d->cur_addr);
+		if (i >= c->nr) {
+			d->cur_client = c->id + 1;
+			d->cur_addr = 0;
+			continue;
+		}
+		r = &c->r[i];
+		first = d->cur_addr > r->start ? (d->cur_addr - r->start) / SP_PAGE
+					       : 0;
+		n = r->npages - first;
+		n = n < CHUNK ? n : CHUNK;
+		n = n < visits ? n : visits;
+		got = scan_chunk(d, c, r, first, n);
+		budget -= got < budget ? got : budget;
+		visits -= n;
+		d->cur_addr = r->start + (first + n) * SP_PAGE;
+	}
+	for (struct client *c = d->clients; c; c = c->next)
+		scan_flush(d, c);
+}

@@ -1,0 +1,270 @@
+/*
+ * sp.h - samepage internals shared by the library, the daemon and the CLI.
+ *
+ * Not installed.  The public contract is include/samepage.h; the wire
+ * contract is sp_proto.h.
+ */
+#ifndef SP_H
+#define SP_H
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "sp_proto.h"
+
+#define SP_PAGE 4096UL
+#define SP_PAGE_SHIFT 12
+#define SP_POOL_NAME "samepage-pool"
+
+#define SP_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define SP_UNUSED __attribute__((unused))
+#define SP_PRINTF(a, b) __attribute__((format(printf, a, b)))
+
+/* Abort on corrupt internal state: merging on a corrupt index can corrupt
+ * user memory (musl mallocng habit). */
+#define SP_ASSERT(c)                                                      \
+	do {                                                              \
+		if (!(c))                                                 \
+			sp_fatal(__FILE__, __LINE__, #c);                 \
+	} while (0)
+void sp_fatal(const char *file, int line, const char *what)
+	__attribute__((noreturn));
+
+/* ---- log.c: OpenBSD-style logging ---------------------------------- */
+enum { LOG_TO_STDERR = 1, LOG_TO_SYSLOG = 2, LOG_TO_FN = 3 };
+void log_init(int where, int verbose, const char *ident);
+void log_set_fn(void (*fn)(int level, const char *msg, void *arg),
+		void *arg);
+void log_warn(const char *fmt, ...) SP_PRINTF(1, 2);  /* adds strerror */
+void log_warnx(const char *fmt, ...) SP_PRINTF(1, 2);
+void log_info(const char *fmt, ...) SP_PRINTF(1, 2);
+void log_debug(const char *fmt, ...) SP_PRINTF(1, 2);
+
+/* ---- util.c --------------------------------------------------------- */
+#define PM_PRESENT (1ULL << 63)
+#define PM_FILE (1ULL << 61)	/* file page or shared anon */
+#define PM_EXCL (1ULL << 56)	/* mapped exactly once */
+#define PM_PFN(v) ((v) & ((1ULL << 55) - 1))
+
+int sp_pagemap_read(int fd, uintptr_t addr, size_t npages, uint64_t *out);
+int sp_default_socket(char *buf, size_t len);
+int sp_mkdir_parent(const char *path);
+int sp_send(int fd, int type, const void *payload, size_t plen);
+int sp_send_fd(int fd, int type, const void *payload, size_t plen,
+	       int passfd);
+/* Receive one packet into buf (SP_MSG_MAX, 8-byte aligned); *fdp gets a
+ * passed descriptor or -1.  Returns length, 0 on EOF, or -errno. */
+ssize_t sp_recv(int fd, void *buf, size_t cap, int *fdp);
+int sp_connect(const char *path);
+bool sp_page_is_zero(const void *p);
+uint64_t sp_now_ms(void);
+int sp_max_map_count(void);
+
+/* ---- region.c: the agent's view of its own mappings ----------------- */
+enum {
+	RG_MERGEABLE = 1 << 0,	/* asked for merging */
+	RG_MERGED = 1 << 1,	/* pool pages may be mapped here */
+	RG_DONTFORK = 1 << 2,
+	RG_DONTDUMP = 1 << 3,
+	RG_WIPEONFORK = 1 << 4,
+};
+
+struct sp_region {
+	uintptr_t start, end;
+	int prot;
+	unsigned flags;
+};
+
+struct sp_regions {
+	struct sp_region *v;
+	size_t n, cap;
+};
+
+int rg_add(struct sp_regions *rs, uintptr_t s, uintptr_t e, int prot,
+	   unsigned flags);
+void rg_remove(struct sp_regions *rs, uintptr_t s, uintptr_t e);
+int rg_update(struct sp_regions *rs, uintptr_t s, uintptr_t e,
+	      unsigned set, unsigned clear, int prot);
+bool rg_covered(const struct sp_regions *rs, uintptr_t s, uintptr_t e,
+		unsigned flags);
+size_t rg_first(const struct sp_regions *rs, uintptr_t addr);
+void rg_free(struct sp_regions *rs);
+
+/* ---- uffd.c: userfaultfd ABI and thin wrappers ---------------------- */
+int uffd_open(bool *has_move);
+int uffd_register(int uffd, uintptr_t s, size_t len);
+int uffd_unregister(int uffd, uintptr_t s, size_t len);
+int uffd_wake(int uffd, uintptr_t s, size_t len);
+/* Returns bytes moved (>= 0) or -errno with *moved set. */
+int uffd_move(int uffd, uintptr_t dst, uintptr_t src, size_t len,
+	      size_t *moved);
+int uffd_zeropage(int uffd, uintptr_t s, size_t len);
+int uffd_copy(int uffd, uintptr_t dst, uintptr_t src, size_t len);
+
+/* ---- agent.c / merge.c / interpose.c -------------------------------- */
+struct sp_agent {
+	pthread_mutex_t lock;	/* serialises merges with the program's
+				 * mapping changes */
+	int tracking;		/* interposers keep regions up to date */
+	int active;		/* connected and merging */
+	int sock, uffd, poolfd, pagemap, wakefd[2];
+	int safety;		/* 1: UFFDIO_MOVE */
+	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
+	size_t any_min;		/* smallest mapping merge_any takes */
+	pid_t daemon_pid, pid;
+	char sockpath[108];
+	uint8_t *pool;		/* read-only view of the pool */
+	uint64_t pool_bytes;
+	uint8_t *scratch;	/* SP_ITEM_PAGES pages, registered */
+	pthread_t thread;
+	int thread_started;
+	struct sp_regions regions;
+	struct sp_figs figs;
+	uint64_t merged_pages, zero_pages, map_limit, recount_at;
+	int budget_logged;
+};
+
+extern struct sp_agent sp_agent;
+
+int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
+		     struct sp_item_result *res);
+int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e);
+int agent_unmerge_all(struct sp_agent *a);
+void agent_recount_maps(struct sp_agent *a);
+void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e);
+int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e);
+
+/* raw system calls, never interposed */
+void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,
+	       off_t off);
+int sys_munmap(void *addr, size_t len);
+int sys_madvise(void *addr, size_t len, int advice);
+
+
+/* ---- the daemon: pool.c, index.c, scan.c, samepaged.c --------------- */
+/* pstate.slot: 0 = not merged, 1 = zero page, n >= 2: pool slot n - 2 */
+#define ST_NONE 0u
+#define ST_ZERO 1u
+#define ST_SLOT(n) ((uint32_t)(n) + 2u)
+#define ST_IS_POOL(v) ((v) >= 2u)
+#define ST_POOL(v) ((v) - 2u)
+#define NO_SLOT 0xffffffffu
+
+enum { PS_SEEN = 1, PS_INFLIGHT = 2 };
+
+struct pstate {		/* one per registered page: 16 bytes */
+	uint64_t hash;
+	uint32_t slot;
+	uint32_t flags;
+};
+
+struct drange {
+	uint64_t start, npages;
+	struct pstate *st;
+};
+
+struct batch {
+	uint32_t id, nitems;
+	struct sp_item items[SP_BATCH_ITEMS];
+	struct batch *next;
+};
+
+struct client {
+	int fd, id, pagemap;
+	pid_t pid;
+	uid_t uid;
+	bool agent;
+	uint32_t safety;
+	char comm[16];
+	struct drange *r;
+	size_t nr;
+	uint64_t merging, zero, registered;
+	struct sp_figs figs;
+	struct sp_item pend[SP_BATCH_ITEMS];
+	uint32_t npend, next_batch, ninflight;
+	struct batch *inflight;
+	bool unmerge_pending;
+	struct client *next;
+};
+
+struct slot {
+	uint64_t hash;
+	uint32_t refs, lease, next;
+	uint32_t used;
+};
+
+struct pool {
+	int fd, pagemap;
+	uint8_t *base;
+	uint64_t bytes;
+	uint32_t nslots, cap, bump, hint;
+	struct slot *s;
+	uint32_t *freelist, nfree;
+	uint32_t *buckets, nbuckets;
+	uint64_t used, shared, total_refs, leased;
+	dev_t dev;
+	ino_t ino;
+};
+
+struct ut_entry {
+	uint64_t hash, addr;
+	int client;	/* 0: empty */
+};
+
+struct unstable {
+	struct ut_entry *v;
+	uint64_t cap, n, tombs;
+};
+
+struct daemon {
+	/* knobs: the kernel's names and meanings */
+	uint64_t pages_to_scan;	  /* pages per wake-up */
+	uint64_t sleep_millisecs; /* sleep between wake-ups */
+	uint64_t run;		  /* 0 stop, 1 run, 2 unmerge all */
+	uint64_t use_zero_pages;  /* free zero pages, no pool copy */
+	/* counters */
+	uint64_t pages_scanned, full_scans, pages_volatile, volatile_cur;
+	struct client *clients;
+	int next_id, cur_client;
+	uint64_t cur_addr;
+	struct pool pool;
+	struct unstable ut;
+	uint64_t zero_hash;
+	uint8_t *buf, *cmp;
+	int unmerge_waiter;	/* CLI fd waiting for run=2, or -1 */
+	uint64_t unmerge_deadline;
+	uint64_t last_gc;
+};
+
+int pool_init(struct pool *p, uint64_t bytes);
+uint32_t pool_lookup(struct pool *p, uint64_t hash, const void *page);
+uint32_t pool_alloc(struct pool *p, uint64_t hash, const void *page);
+void pool_ref(struct pool *p, uint32_t slot);
+void pool_unref(struct pool *p, uint32_t slot);
+uint64_t pool_gc(struct pool *p);
+uint64_t pool_meta_bytes(const struct pool *p);
+
+int ut_init(struct unstable *u, uint64_t cap);
+struct ut_entry *ut_find(struct unstable *u, uint64_t hash);
+void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr);
+void ut_del(struct unstable *u, struct ut_entry *e);
+void ut_clear(struct unstable *u);
+
+void scan_tick(struct daemon *d);
+void scan_flush(struct daemon *d, struct client *c);
+struct client *client_by_id(struct daemon *d, int id);
+struct pstate *client_page(struct client *c, uint64_t addr);
+void client_release(struct client *c, struct pool *p, struct pstate *st);
+void client_done(struct daemon *d, struct client *c, const struct sp_msg *m);
+int client_reg(struct daemon *d, struct client *c, uint64_t s, uint64_t len);
+void client_unreg(struct daemon *d, struct client *c, uint64_t s, uint64_t e);
+void client_drop_batches(struct daemon *d, struct client *c);
+void client_apply(struct daemon *d, struct client *c, const struct sp_item *it,
+		  const struct sp_item_result *res);
+size_t client_range_first(const struct client *c, uint64_t addr);
+
+#endif /* SP_H */

@@ -1,0 +1,317 @@
+/*
+ * memfill.c - a program for integration tests to run under samepage.
+ * It reads one command per line on stdin and answers one line on stdout
+ * ("ok ..." or "err ...").  It knows nothing of samepage: it opts in with
+ * madvise/prctl as any program would.
+ *
+ *   map N                 mmap N private anonymous pages (the region)
+ *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
+ *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
+ *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
+ *   check SEED FIRST N    verify; "ok" or "err bad PAGE"
+ *   write P BYTE          one byte at the start of page P
+ *   dontneed FIRST N      madvise(MADV_DONTNEED)
+ *   munmap FIRST N        unmap part of the region
+ *   mremap N              move/resize the region; answers the address
+ *   hammer T SECONDS      T threads write, read back and restore words
+ *                         in random pages; "ok WRITES LOST"
+ *   pin FIRST N           register pages as io_uring fixed buffers
+ *   uread FILE FIRST      IORING_OP_READ_FIXED from FILE into page FIRST
+ *   fork                  fork; the child answers "child PID" and keeps
+ *                         serving on the same stdin/stdout is NOT done:
+ *                         the child checks SEED 1 after 1.5 s, twice,
+ *                         and exits 0 if intact (see tests)
+ *   stats                 the agent's figures, if an agent is loaded
+ *   addr                  the region's address
+ *   quit
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "samepage.h"
+
+#define PG 4096UL
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+#endif
+
+static uint8_t *region;
+static size_t npages;
+static struct io_uring ring;
+static int ring_up;
+
+static void pattern(uint8_t *p, unsigned seed, size_t page)
+{
+	uint64_t *w = (uint64_t *)p;
+	uint64_t x = seed * 0x9E3779B97F4A7C15ULL + page * 0xBF58476D1CE4E5B9ULL;
+
+	if (!seed) {
+		memset(p, 0, PG);
+		return;
+	}
+	for (size_t i = 0; i < PG / 8; i++) {
+		x ^= x >> 31;
+		x *= 0x94D049BB133111EBULL;
+		w[i] = x + i;
+	}
+}
+
+static void fill(unsigned seed, size_t first, size_t n)
+{
+	for (size_t p = first; p < first + n; p++)
+		pattern(region + p * PG, seed, p);
+}
+
+static long check(unsigned seed, size_t first, size_t n)
+{
+	uint8_t want[PG];
+
+	for (size_t p = first; p < first + n; p++) {
+		pattern(want, seed, p);
+		if (memcmp(want, region + p * PG, PG))
+			return (long)p;
+	}
+	return -1;
+}
+
+struct hammer {
+	pthread_t t;
+	unsigned id;
+	double until;
+	uint64_t writes, lost;
+};
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Thread id owns words id, id + T, ...: no two threads share a word. */
+static atomic_uint nthreads;
+
+static void *hammer_main(void *arg)
+{
+	struct hammer *h = arg;
+	uint64_t x = h->id * 7919 + 1, stamp = (uint64_t)h->id << 48;
+	unsigned T = atomic_load(&nthreads);
+
+	while (now() < h->until) {
+		for (int k = 0; k < 1000; k++) {
+			volatile uint64_t *w;
+			uint64_t old, v = ++stamp;
+			size_t p, word;
+
+			x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+			p = (x >> 33) % npages;
+			word = h->id + T * ((x >> 20) % (PG / 8 / T));
+			w = (volatile uint64_t *)(region + p * PG) + word;
+			old = *w;
+			*w = v;
+			if (*w != v)
+				h->lost++;
+			*w = old;
+			if (*w != old)
+				h->lost++;
+			h->writes += 2;
+		}
+	}
+	return NULL;
+}
+
+static void cmd_hammer(unsigned t, double secs)
+{
+	struct hammer h[16];
+	uint64_t writes = 0, lost = 0;
+
+	if (t > 16)
+		t = 16;
+	atomic_store(&nthreads, t);
+	for (unsigned i = 0; i < t; i++) {
+		h[i] = (struct hammer){ .id = i, .until = now() + secs };
+		pthread_create(&h[i].t, NULL, hammer_main, &h[i]);
+	}
+	for (unsigned i = 0; i < t; i++) {
+		pthread_join(h[i].t, NULL);
+		writes += h[i].writes;
+		lost += h[i].lost;
+	}
+	printf("ok %llu %llu\n", (unsigned long long)writes,
+	       (unsigned long long)lost);
+}
+
+static void cmd_pin(size_t first, size_t n)
+{
+	struct iovec *iov = calloc(n, sizeof(*iov));
+
+	for (size_t i = 0; i < n; i++) {
+		iov[i].iov_base = region + (first + i) * PG;
+		iov[i].iov_len = PG;
+	}
+	if (!ring_up && io_uring_queue_init(8, &ring, 0) < 0) {
+		printf("err uring\n");
+		return;
+	}
+	ring_up = 1;
+	int r = io_uring_register_buffers(&ring, iov, (unsigned)n);
+	free(iov);
+	if (r < 0)
+		printf("err register %d\n", r);
+	else
+		printf("ok\n");
+}
+
+static void cmd_uread(const char *file, size_t page)
+{
+	struct io_uring_sqe *sqe;
+	struct io_uring_cqe *cqe;
+	int fd = open(file, O_RDONLY), r;
+
+	if (fd < 0 || !ring_up) {
+		printf("err open\n");
+		return;
+	}
+	sqe = io_uring_get_sqe(&ring);
+	io_uring_prep_read_fixed(sqe, fd, region + page * PG, PG, 0, 0);
+	io_uring_submit(&ring);
+	r = io_uring_wait_cqe(&ring, &cqe);
+	if (r == 0) {
+		r = cqe->res;
+		io_uring_cqe_seen(&ring, cqe);
+	}
+	close(fd);
+	printf(r == (int)PG ? "ok\n" : "err read %d\n", r);
+}
+
+static void cmd_fork(void)
+{
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		long bad;
+
+		sleep(2);
+		bad = check(1, 0, npages);
+		if (bad < 0) {
+			sleep(2);
+			bad = check(1, 0, npages);
+		}
+		_exit(bad < 0 ? 0 : 1);
+	}
+	printf("ok %d\n", (int)pid);
+}
+
+static void cmd_stats(void)
+{
+	int (*fn)(struct samepage_agent_stats *) =
+		(int (*)(struct samepage_agent_stats *))dlsym(
+			RTLD_DEFAULT, "samepage_agent_stats");
+	struct samepage_agent_stats s;
+
+	if (!fn || fn(&s) < 0) {
+		printf("err no agent\n");
+		return;
+	}
+	printf("ok active=%d merged=%llu zero=%llu pinned=%llu changed=%llu "
+	       "mappings=%llu budget=%llu refused=%llu\n",
+	       s.active, (unsigned long long)s.merged_pages,
+	       (unsigned long long)s.zero_pages,
+	       (unsigned long long)s.pinned_skipped,
+	       (unsigned long long)s.changed_skipped,
+	       (unsigned long long)s.mappings,
+	       (unsigned long long)s.map_budget,
+	       (unsigned long long)s.budget_refusals);
+}
+
+static void reply(int r)
+{
+	if (r < 0)
+		printf("err %s\n", strerror(errno));
+	else
+		printf("ok\n");
+}
+
+int main(void)
+{
+	char line[512], a1[256];
+	unsigned long x, y, z;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	while (fgets(line, sizeof(line), stdin)) {
+		if (sscanf(line, "map %lu", &x) == 1) {
+			region = mmap(NULL, x * PG, PROT_READ | PROT_WRITE,
+				      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			npages = x;
+			printf(region == MAP_FAILED ? "err\n" : "ok %p\n",
+			       (void *)region);
+		} else if (!strncmp(line, "merge", 5)) {
+			reply(madvise(region, npages * PG, MADV_MERGEABLE));
+		} else if (!strncmp(line, "unmerge", 7)) {
+			reply(madvise(region, npages * PG, MADV_UNMERGEABLE));
+		} else if (sscanf(line, "prctl %lu", &x) == 1) {
+			reply(prctl(PR_SET_MEMORY_MERGE, x, 0, 0, 0));
+		} else if (!strncmp(line, "getprctl", 8)) {
+			printf("ok %d\n", prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0));
+		} else if (sscanf(line, "fill %lu %lu %lu", &x, &y, &z) == 3) {
+			fill((unsigned)x, y, z);
+			printf("ok\n");
+		} else if (sscanf(line, "check %lu %lu %lu", &x, &y, &z) == 3) {
+			long bad = check((unsigned)x, y, z);
+
+			if (bad < 0)
+				printf("ok\n");
+			else
+				printf("err bad %ld\n", bad);
+		} else if (sscanf(line, "write %lu %lu", &x, &y) == 2) {
+			region[x * PG] = (uint8_t)y;
+			printf("ok\n");
+		} else if (sscanf(line, "dontneed %lu %lu", &x, &y) == 2) {
+			reply(madvise(region + x * PG, y * PG, MADV_DONTNEED));
+		} else if (sscanf(line, "munmap %lu %lu", &x, &y) == 2) {
+			reply(munmap(region + x * PG, y * PG));
+		} else if (sscanf(line, "mremap %lu", &x) == 1) {
+			void *p = mremap(region, npages * PG, x * PG,
+					 MREMAP_MAYMOVE);
+			if (p == MAP_FAILED) {
+				printf("err mremap\n");
+			} else {
+				region = p;
+				npages = x;
+				printf("ok %p\n", p);
+			}
+		} else if (sscanf(line, "hammer %lu %lu", &x, &y) == 2) {
+			cmd_hammer((unsigned)x, (double)y);
+		} else if (sscanf(line, "pin %lu %lu", &x, &y) == 2) {
+			cmd_pin(x, y);
+		} else if (sscanf(line, "uread %255s %lu", a1, &x) == 2) {
+			cmd_uread(a1, x);
+		} else if (!strncmp(line, "fork", 4)) {
+			cmd_fork();
+		} else if (!strncmp(line, "stats", 5)) {
+			cmd_stats();
+		} else if (!strncmp(line, "addr", 4)) {
+			printf("ok %p\n", (void *)region);
+		} else if (!strncmp(line, "quit", 4)) {
+			break;
+		} else {
+			printf("err unknown command\n");
+		}
+	}
+	return 0;
+}

@@ -1,0 +1,16 @@
+# tests.mk - test programs.  Unit tests use cmocka; integration programs
+# are plain C run by tests/run against real processes.
+UNIT     := test_proto test_region test_index
+INTEG    := memfill
+tests-build: $(UNIT:%=tests/bin/%) $(INTEG:%=tests/bin/%)
+
+tests/bin:
+	mkdir -p $@
+tests/bin/test_proto: tests/unit/test_proto.c src/proto.c src/sp_proto.h $(STAMP) | tests/bin
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_proto.c src/proto.c -lcmocka
+tests/bin/test_region: tests/unit/test_region.c src/region.c src/sp.h $(STAMP) | tests/bin
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_region.c src/region.c -lcmocka
+tests/bin/test_index: tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c src/sp.h $(STAMP) | tests/bin
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
+tests/bin/%: tests/integration/%.c $(STAMP) | tests/bin
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< -luring $(LDLIBS)
