@@ -48,7 +48,7 @@ static int self_dir(char *buf, size_t len)
 static int start_daemon(void)
 {
 	char dir[PATH_MAX], exe[PATH_MAX + 16];
-	const char *env = getenv("SAMEPAGED");
+	const char *env = getenv("SAMEPAGED"), *idle;
 	int status;
 	pid_t pid;
 
@@ -58,12 +58,13 @@ static int start_daemon(void)
 		snprintf(exe, sizeof(exe), "%s/samepaged", dir);
 	else
 		return -ENOENT;
+	idle = getenv("SAMEPAGE_IDLE_EXIT");
 	pid = fork();
 	if (pid < 0)
 		return -errno;
 	if (pid == 0) {
 		execl(exe, "samepaged", "-s", sock_path, "-i",
-		      idle_exit_default, (char *)NULL);
+		      idle ? idle : idle_exit_default, (char *)NULL);
 		fprintf(stderr, "samepage: cannot run %s: %s\n", exe,
 			strerror(errno));
 		_exit(127);

@@ -21,6 +21,9 @@
  *                         serving on the same stdin/stdout is NOT done:
  *                         the child checks SEED 1 after 1.5 s, twice,
  *                         and exits 0 if intact (see tests)
+ *   wait                  wait for the forked child: "ok STATUS"
+ *   cmpfile FILE P        page P equals the first page of FILE
+ *   mmapmany N            N more small mappings of the program's own
  *   stats                 the agent's figures, if an agent is loaded
  *   addr                  the region's address
  *   quit
@@ -199,6 +202,8 @@ static void cmd_uread(const char *file, size_t page)
 	printf(r == (int)PG ? "ok\n" : "err read %d\n", r);
 }
 
+static pid_t child;
+
 static void cmd_fork(void)
 {
 	pid_t pid = fork();
@@ -214,7 +219,46 @@ static void cmd_fork(void)
 		}
 		_exit(bad < 0 ? 0 : 1);
 	}
+	child = pid;
 	printf("ok %d\n", (int)pid);
+}
+
+static void cmd_wait(void)
+{
+	int st = -1;
+
+	if (child <= 0 || waitpid(child, &st, 0) < 0)
+		printf("err wait\n");
+	else
+		printf("ok %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 128);
+}
+
+static void cmd_cmpfile(const char *file, size_t page)
+{
+	uint8_t buf[PG];
+	int fd = open(file, O_RDONLY);
+
+	if (fd < 0 || read(fd, buf, PG) != (ssize_t)PG)
+		printf("err open\n");
+	else
+		printf(memcmp(buf, region + page * PG, PG) ? "err differ\n"
+							     : "ok\n");
+	if (fd >= 0)
+		close(fd);
+}
+
+static void cmd_mmapmany(unsigned long n)
+{
+	for (unsigned long i = 0; i < n; i++) {
+		/* alternate protections so the kernel cannot join them */
+		void *p = mmap(NULL, 2 * PG, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED || mprotect(p, PG, PROT_READ) < 0) {
+			printf("err mmap %lu\n", i);
+			return;
+		}
+	}
+	printf("ok\n");
 }
 
 static void cmd_stats(void)
@@ -303,6 +347,12 @@ int main(void)
 			cmd_uread(a1, x);
 		} else if (!strncmp(line, "fork", 4)) {
 			cmd_fork();
+		} else if (!strncmp(line, "wait", 4)) {
+			cmd_wait();
+		} else if (sscanf(line, "cmpfile %255s %lu", a1, &x) == 2) {
+			cmd_cmpfile(a1, x);
+		} else if (sscanf(line, "mmapmany %lu", &x) == 1) {
+			cmd_mmapmany(x);
 		} else if (!strncmp(line, "stats", 5)) {
 			cmd_stats();
 		} else if (!strncmp(line, "addr", 4)) {

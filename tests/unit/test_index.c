@@ -1,0 +1,127 @@
+/* test_index.c - the unstable table and the pool: lookups compare full
+ * contents, references count, and GC frees only unmapped slots. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "sp.h"
+
+static uint8_t page[SP_PAGE], other[SP_PAGE];
+
+static void unstable_basics(void **state)
+{
+	struct unstable u;
+
+	(void)state;
+	assert_int_equal(ut_init(&u, 8), 0);
+	for (uint64_t i = 1; i <= 1000; i++)
+		ut_put(&u, i * 977, 1, i);
+	assert_int_equal(u.n, 1000);	/* grew */
+	assert_non_null(ut_find(&u, 977 * 500));
+	assert_int_equal(ut_find(&u, 977 * 500)->addr, 500);
+	ut_del(&u, ut_find(&u, 977 * 500));
+	assert_null(ut_find(&u, 977 * 500));
+	ut_put(&u, 977 * 500, 2, 5);	/* reuses the tombstone */
+	assert_int_equal(ut_find(&u, 977 * 500)->client, 2);
+	for (int k = 0; k < 100000; k++) {	/* churn: must not fill up */
+		ut_put(&u, 5000000 + (uint64_t)k, 1, 0);
+		ut_del(&u, ut_find(&u, 5000000 + (uint64_t)k));
+	}
+	ut_clear(&u);
+	assert_int_equal(u.n, 0);
+	assert_null(ut_find(&u, 977));
+	free(u.v);
+}
+
+static void pool_lookup_compares_content(void **state)
+{
+	struct pool p;
+	uint32_t a, b;
+
+	(void)state;
+	assert_int_equal(pool_init(&p, 64 << 20), 0);
+	memset(page, 1, sizeof(page));
+	memset(other, 2, sizeof(other));
+	a = pool_alloc(&p, 42, page);
+	assert_int_not_equal(a, NO_SLOT);
+	/* same hash, other content: a collision must not match */
+	assert_int_equal(pool_lookup(&p, 42, other), NO_SLOT);
+	b = pool_alloc(&p, 42, other);
+	assert_int_equal(b, a + 1);	/* runs get consecutive slots */
+	assert_int_equal(pool_lookup(&p, 42, other), b);
+	assert_int_equal(pool_lookup(&p, 42, page), a);
+	assert_memory_equal(p.base + (uint64_t)a * SP_PAGE, page, SP_PAGE);
+	pool_ref(&p, a);
+	pool_ref(&p, a);
+	assert_int_equal(p.shared, 1);
+	assert_int_equal(p.total_refs, 2);
+	pool_unref(&p, a);
+	pool_unref(&p, a);
+	assert_int_equal(p.shared, 0);
+}
+
+static void gc_spares_mapped_slots(void **state)
+{
+	struct pool p;
+	uint32_t a, b;
+	uint8_t *m;
+	pid_t pid;
+	int up[2], down[2];	/* child->parent, parent->child */
+	char c;
+
+	(void)state;
+	assert_int_equal(pool_init(&p, 64 << 20), 0);
+	memset(page, 3, sizeof(page));
+	memset(other, 4, sizeof(other));
+	a = pool_alloc(&p, 1, page);
+	b = pool_alloc(&p, 2, other);
+	/* A child maps slot a privately without touching it: no PTE, no
+	 * mapcount; GC must still see its VMA and spare the slot. */
+	assert_int_equal(pipe(up), 0);
+	assert_int_equal(pipe(down), 0);
+	pid = fork();
+	if (pid == 0) {
+		/* Drop the inherited daemon-side view: fork copies no PTEs
+		 * for it, so it would pin every slot (rightly) in GC. */
+		munmap(p.base, p.bytes);
+		m = mmap(NULL, SP_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE,
+			 p.fd, (off_t)a * SP_PAGE);
+		if (write(up[1], "x", 1) != 1)
+			_exit(1);
+		if (read(down[0], &c, 1) != 1)
+			_exit(1);
+		_exit(m[0] == 3 ? 0 : 2);	/* zeros if punched */
+	}
+	assert_int_equal(read(up[0], &c, 1), 1);
+	assert_int_equal(pool_gc(&p), 1);	/* b only */
+	assert_int_equal(pool_lookup(&p, 2, other), NO_SLOT);
+	assert_int_equal(pool_lookup(&p, 1, page), a);
+	assert_int_equal(write(down[1], "y", 1), 1);
+	{
+		int st;
+
+		assert_int_equal(waitpid(pid, &st, 0), pid);
+		assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	}
+	assert_int_equal(pool_gc(&p), 1);	/* now a too */
+	(void)b;
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(unstable_basics),
+		cmocka_unit_test(pool_lookup_compares_content),
+		cmocka_unit_test(gc_spares_mapped_slots),
+	};
+
+	log_init(LOG_TO_STDERR, 0, "test_index");
+	return cmocka_run_group_tests_name("index", tests, NULL, NULL);
+}
