@@ -157,6 +157,8 @@ void client_apply(struct daemon *d, struct client *c, const struct sp_item *it,
 		if (!st)
 			continue;	/* unregistered meanwhile */
 		st->flags &= ~(uint32_t)PS_INFLIGHT;
+		if (res && (res->immovable[j / 64] >> (j % 64)) & 1)
+			st->flags |= PS_IMMOVABLE;
 		if (!merged)
 			continue;
 		client_release(c, &d->pool, st);

@@ -113,9 +113,11 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 	}
 }
 
-/* Move [addr, addr + n) out; in[i] says page i is now in scratch. */
+/* Move [addr, addr + n) out; in[i] says page i is now in scratch.
+ * Pages UFFDIO_MOVE refuses with EINVAL lie in a file-backed VMA (a pool
+ * mapping whose copy-on-write broke): they are flagged in res. */
 static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
-		    uint8_t *in)
+		    uint8_t *in, struct sp_item_result *res)
 {
 	size_t i = 0, k, moved;
 	int tries = 0, r;
@@ -133,6 +135,8 @@ static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 		tries = 0;
 		if (r == -EBUSY)	/* pinned, or shared after fork */
 			a->figs.pinned_skipped++;
+		else if (r == -EINVAL)	/* not an anonymous VMA */
+			res->immovable[i / 64] |= 1ULL << (i % 64);
 		else if (r != -ENOENT && r != -EEXIST)
 			return r;	/* whole-range refusal */
 		i++;
@@ -284,7 +288,7 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	r = uffd_register(a->uffd, it->addr, len);
 	if (r < 0)
 		return 0;
-	r = move_out(a, it->addr, n, in);
+	r = move_out(a, it->addr, n, in, res);
 	for (i = 0; i < n; i++) {
 		eq[i] = in[i] && page_equal(a, it, i);
 		if (in[i] && !eq[i])

@@ -94,8 +94,11 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 		return false;
 	if (!(pm & PM_PRESENT)) {
 		client_release(c, &d->pool, st);	/* unmapped, dropped */
+		st->flags &= ~(uint32_t)PS_IMMOVABLE;	/* a new page next */
 		return false;
 	}
+	if (st->flags & PS_IMMOVABLE)
+		return false;
 	if (pm & PM_FILE)
 		return false;		/* a pool page: still merged */
 	if (ST_IS_POOL(st->slot))

@@ -119,6 +119,7 @@ struct sp_agent {
 	char sockpath[108];
 	uint8_t *pool;		/* read-only view of the pool */
 	uint64_t pool_bytes;
+	unsigned warned_pool;	/* "outside the pool" said once */
 	uint8_t *scratch;	/* SP_ITEM_PAGES pages, registered */
 	pthread_t thread;
 	int thread_started;
@@ -154,7 +155,7 @@ int sys_madvise(void *addr, size_t len, int advice);
 #define ST_POOL(v) ((v) - 2u)
 #define NO_SLOT 0xffffffffu
 
-enum { PS_SEEN = 1, PS_INFLIGHT = 2 };
+enum { PS_SEEN = 1, PS_INFLIGHT = 2, PS_IMMOVABLE = 4 };
 
 struct pstate {		/* one per registered page: 16 bytes */
 	uint64_t hash;

@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_PROTO_VERSION 1
+#define SP_PROTO_VERSION 2
 #define SP_MSG_MAX 65536
 #define SP_ITEM_PAGES 512		/* pages in one merge item at most */
 #define SP_ITEM_WORDS (SP_ITEM_PAGES / 64)
@@ -85,6 +85,10 @@ struct sp_figs {
 
 struct sp_item_result {
 	uint64_t merged[SP_ITEM_WORDS];	/* bit i: page i is merged now */
+	/* bit i: page i sits in a file-backed mapping (a pool mapping
+	 * whose copy-on-write was broken, or unmerged): UFFDIO_MOVE cannot
+	 * take it, so it cannot be merged again. */
+	uint64_t immovable[SP_ITEM_WORDS];
 };
 
 struct sp_merge_done {

@@ -5,6 +5,7 @@
  * madvise/prctl as any program would.
  *
  *   map N                 mmap N private anonymous pages (the region)
+ *   mapshared N           the same, MAP_SHARED (KSM ignores these)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
  *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
  *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
@@ -298,9 +299,14 @@ int main(void)
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	while (fgets(line, sizeof(line), stdin)) {
-		if (sscanf(line, "map %lu", &x) == 1) {
+		if (sscanf(line, "map %lu", &x) == 1 ||
+		    sscanf(line, "mapshared %lu", &x) == 1) {
+			int shared = line[3] == 's';
+
 			region = mmap(NULL, x * PG, PROT_READ | PROT_WRITE,
-				      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+				      (shared ? MAP_SHARED : MAP_PRIVATE) |
+					      MAP_ANONYMOUS,
+				      -1, 0);
 			npages = x;
 			printf(region == MAP_FAILED ? "err\n" : "ok %p\n",
 			       (void *)region);

@@ -110,15 +110,20 @@ class Daemon:
 class Proc:
     """tests/bin/memfill under `samepage run`, driven over a pipe."""
 
-    def __init__(self, daemon=None, run_args=(), env=None, direct=False):
+    def __init__(self, daemon=None, run_args=(), env=None, direct=False,
+                 prog=None):
         e = dict(os.environ, **(env or {}))
         if daemon:
             e["SAMEPAGE_SOCKET"] = daemon.sock
-        argv = [MEMFILL] if direct else \
-            [os.path.join(BIN, "samepage"), "run", *run_args, "--", MEMFILL]
+        prog = prog or [MEMFILL]
+        argv = prog if direct else \
+            [os.path.join(BIN, "samepage"), "run", *run_args, "--", *prog]
+        # stderr goes to a file: a pipe nobody drains would block the
+        # agent's log lines, and with them merging.
+        self.errf = tempfile.TemporaryFile(mode="w+")
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=e)
+                                  stderr=self.errf, text=True, env=e)
         self.pid = self.p.pid
         self.addr = None
         self.npages = 0
@@ -128,8 +133,8 @@ class Proc:
         self.p.stdin.flush()
         out = self.p.stdout.readline().strip()
         if not out:
-            err = self.p.stderr.read() if self.p.poll() is not None else ""
-            raise Fail(f"memfill died on '{line}': {err.strip()}")
+            self.p.wait(timeout=5)
+            raise Fail(f"memfill died on '{line}': {self.err().strip()}")
         return out
 
     def ok(self, line):
@@ -137,8 +142,8 @@ class Proc:
         check(out.startswith("ok"), f"'{line}' -> {out}")
         return out[3:]
 
-    def map(self, n):
-        self.addr = int(self.ok(f"map {n}"), 16)
+    def map(self, n, shared=False):
+        self.addr = int(self.ok(f"{'mapshared' if shared else 'map'} {n}"), 16)
         self.npages = n
         return self.addr
 
@@ -160,8 +165,73 @@ class Proc:
         except BrokenPipeError:
             pass
         rc = self.p.wait(timeout=30)
-        self.stderr = self.p.stderr.read()
+        self.stderr = self.err()
         return rc
+
+    def err(self):
+        """What the program wrote to stderr so far."""
+        self.errf.seek(0)
+        return self.errf.read()
+
+
+class Env:
+    """A daemon and the processes of one test, all gone at the end."""
+
+    def __init__(self, **knobs):
+        self.d = Daemon(**knobs)
+        self.procs = []
+
+    def proc(self, **kw):
+        p = Proc(self.d, **kw)
+        self.procs.append(p)
+        return p
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.p.poll() is None:
+                p.p.kill()
+            p.p.wait()
+            for f in (p.p.stdin, p.p.stdout, p.errf):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self.d.kill()
+        self.d.log.close()
+        subprocess.run(["rm", "-rf", self.d.dir], check=False)
+        return False
+
+    def daemon_log(self):
+        with open(os.path.join(self.d.dir, "daemon.log")) as f:
+            return f.read()
+
+
+def twins(env, n, seed=1, **kw):
+    """Two processes with n identical pages, opted in."""
+    ps = [env.proc(**kw) for _ in range(2)]
+    for p in ps:
+        p.map(n)
+        p.ok(f"fill {seed} 0 {n}")
+        p.ok("merge")
+    return ps
+
+
+def shared(a, b, first=0, n=None):
+    """How many pages a and b hold on one physical frame."""
+    return sum(1 for x, y in zip(a.pfns(first, n), b.pfns(first, n))
+               if x is not None and x == y)
+
+
+def converge(d, key, want, timeout=60):
+    """Wait until status[key] >= want; return the status."""
+    st = wait_for(lambda: (lambda s: s if s[key] >= want else None)(
+        d.status()), timeout=timeout, step=0.1)
+    check(st and st[key] >= want,
+          f"{key} reached {d.status()[key]}, wanted {want}")
+    return st
 
 
 def wait_for(cond, timeout=30, step=0.05):
