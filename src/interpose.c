@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -110,6 +111,41 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
 	return r;
 }
 
+/*
+ * The kernel grows a mapping only if it is one VMA, and merging split the
+ * range into pool and anonymous VMAs.  For a moving grow of a range we
+ * merged, do what the kernel would: a new anonymous mapping with the same
+ * contents, the old one gone.  Called under the agent lock, so no merge
+ * runs meanwhile.  Not done for unreadable ranges, fixed targets or
+ * MREMAP_DONTUNMAP: those fail as they did.
+ */
+static void *mremap_merged(struct sp_agent *a, uintptr_t o, size_t oldlen,
+			   size_t newlen, int flags, int prot, int *err)
+{
+	size_t i = rg_first(&a->regions, o);
+	bool merged = false;
+	void *n;
+
+	for (; i < a->regions.n && a->regions.v[i].start < o + oldlen; i++)
+		merged |= (a->regions.v[i].flags & RG_MERGED) != 0;
+	if (!merged || !(prot & PROT_READ) || newlen <= oldlen ||
+	    (flags & ~MREMAP_MAYMOVE) || !(flags & MREMAP_MAYMOVE))
+		return MAP_FAILED;
+	n = sys_mmap(NULL, newlen, prot | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (n == MAP_FAILED)
+		return MAP_FAILED;
+	memcpy(n, (void *)o, oldlen);
+	if ((!(prot & PROT_WRITE) &&
+	     syscall(SYS_mprotect, n, newlen, prot) < 0) ||
+	    sys_munmap((void *)o, oldlen) < 0) {
+		sys_munmap(n, newlen);
+		return MAP_FAILED;
+	}
+	*err = 0;
+	return n;
+}
+
 SAMEPAGE_API void *mremap(void *old, size_t oldlen, size_t newlen,
 			  int flags, ...)
 {
@@ -137,6 +173,8 @@ SAMEPAGE_API void *mremap(void *old, size_t oldlen, size_t newlen,
 		r = a->regions.v[i];
 	p = (void *)syscall(SYS_mremap, old, oldlen, newlen, flags, want);
 	err = errno;
+	if (p == MAP_FAILED && err == EFAULT && known)
+		p = mremap_merged(a, o, oldlen, newlen, flags, r.prot, &err);
 	if (p != MAP_FAILED) {
 		uintptr_t n = (uintptr_t)p;
 

@@ -57,6 +57,7 @@ static uint8_t *region;
 static size_t npages;
 static struct io_uring ring;
 static int ring_up;
+static size_t pin_first;	/* buffer i is page pin_first + i */
 
 static void pattern(uint8_t *p, unsigned seed, size_t page)
 {
@@ -173,6 +174,7 @@ static void cmd_pin(size_t first, size_t n)
 		return;
 	}
 	ring_up = 1;
+	pin_first = first;
 	int r = io_uring_register_buffers(&ring, iov, (unsigned)n);
 	free(iov);
 	if (r < 0)
@@ -192,7 +194,8 @@ static void cmd_uread(const char *file, size_t page)
 		return;
 	}
 	sqe = io_uring_get_sqe(&ring);
-	io_uring_prep_read_fixed(sqe, fd, region + page * PG, PG, 0, 0);
+	io_uring_prep_read_fixed(sqe, fd, region + page * PG, PG, 0,
+				 (int)(page - pin_first));
 	io_uring_submit(&ring);
 	r = io_uring_wait_cqe(&ring, &cqe);
 	if (r == 0) {

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Rule zero: a program under samepage reads and writes exactly what it
+would without it.  Each test here tries hard to make a write get lost."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sptest import (MEMFILL, PAGE, Env, Skip, check, converge,  # noqa: E402
+                    map_count, run_tests, shared, twins, wait_for)
+
+
+def test_hammer_no_lost_writes():
+    """Writer threads hammer pages while they are merged under them."""
+    n = 20000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n)
+        writes = lost = rounds = 0
+        merged_during = 0
+        while writes < 1_000_000 or rounds < 3:
+            m0 = int(a.stats()["merged"])
+            w, lo = (int(x) for x in a.ok("hammer 2 1").split())
+            merged_during += int(a.stats()["merged"]) - m0
+            writes += w
+            lost += lo
+            rounds += 1
+            a.ok(f"check 1 0 {n}")  # every word was restored
+        check(lost == 0, f"{lost} of {writes} writes lost")
+        check(merged_during > 0, "no merge happened while hammering")
+        b.ok(f"check 1 0 {n}")
+        print(f"  {writes} writes, {merged_during} pages merged meanwhile",
+              flush=True)
+
+
+def test_pinned_never_merged():
+    """io_uring fixed buffers are pinned: never merged, reads land."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(2000)
+            p.ok("fill 1 0 2000")
+        r = a.cmd("pin 0 16")
+        if r.startswith("err uring") or r.startswith("err register"):
+            raise Skip(f"io_uring unavailable: {r}")
+        check(r == "ok", r)
+        for p in (a, b):
+            p.ok("merge")
+        converge(e.d, "pages_sharing", 2000 - 16)
+        time.sleep(0.5)
+        check(shared(a, b, 0, 16) == 0, "pinned pages merged")
+        check(shared(a, b, 16, 1984) == 1984, "the rest not merged")
+        check(int(a.stats()["pinned"]) > 0, "pinned_skipped not counted")
+        check(e.d.status()["pinned_skipped"] > 0, "status pinned_skipped")
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(os.urandom(PAGE))
+            f.flush()
+            for pg in (0, 5, 15):
+                a.ok(f"uread {f.name} {pg}")
+                a.ok(f"cmpfile {f.name} {pg}")
+        a.ok("check 1 16 1984")
+        b.ok("check 1 0 2000")
+
+
+def test_fork_child_and_gc():
+    """A forked child keeps the merged contents though its parent
+    rewrites them and the other sharer exits; the pool is freed only
+    when nobody maps it."""
+    with Env() as e:
+        a, b = twins(e, 3000)
+        converge(e.d, "pages_sharing", 3000)
+        a.ok("fork")  # child checks seed 1 at 2 s and at 4 s
+        a.ok("fill 2 0 3000")
+        b.quit()
+        check(a.ok("wait") == "0", "forked child saw wrong contents")
+        a.ok("check 2 0 3000")
+        a.quit()
+        st = wait_for(lambda: (lambda s: s if s["pool_pages"] == 0
+                               else None)(e.d.status()), 15)
+        check(st, f"pool still holds {e.d.status()['pool_pages']} pages")
+
+
+def test_exec_stays_under_samepage():
+    """An exec'd child is under samepage again through the environment."""
+    with Env() as e:
+        a = e.proc(prog=["sh", "-c", f"exec {MEMFILL}"])
+        b = e.proc()
+        for p in (a, b):
+            p.map(1000)
+            p.ok("fill 1 0 1000")
+            p.ok("merge")
+        check(a.stats()["active"] == "1", "agent not active after exec")
+        converge(e.d, "pages_sharing", 1000)
+        check(shared(a, b) == 1000, "exec'd program not merged")
+
+
+def test_munmap_mremap_dontneed_while_merging():
+    n = 8000
+    with Env(pages_to_scan=2000, sleep_millisecs=1) as e:
+        a, b = twins(e, n)
+        # act while the first merges land
+        wait_for(lambda: int(a.stats()["merged"]) > 0, 10, 0.002)
+        a.ok("dontneed 100 50")
+        a.ok("munmap 7000 1000")
+        a.ok("write 3 9")
+        check(a.cmd("check 0 100 50") == "ok", "DONTNEED'd pages not zero")
+        newaddr = int(a.ok("mremap 7000"), 16)  # shrink, may move
+        a.addr = newaddr
+        a.npages = 7000
+        a.ok("check 1 0 3")
+        check(a.cmd("check 1 3 1") != "ok", "write before mremap lost")
+        a.ok("check 1 4 96")
+        a.ok("check 0 100 50")
+        a.ok("check 1 150 6850")
+        newaddr = int(a.ok("mremap 9000"), 16)  # grow
+        a.addr = newaddr
+        a.npages = 9000
+        a.ok("fill 1 7000 2000")
+        time.sleep(1)
+        a.ok("check 1 4 96")
+        a.ok("check 1 150 8850")
+        a.ok("dontneed 0 9000")
+        a.ok("check 0 0 9000")
+        b.ok(f"check 1 0 {n}")
+        check(e.d.proc.poll() is None, "daemon died")
+
+
+def test_kill_daemon_mid_merge():
+    """kill -9 of the daemon at several points of merging: every byte
+    stays, merged pages stay valid and copy-on-write, merging stops."""
+    n = 20000
+    for delay in (0.0, 0.02, 0.1, 0.3, 1.0):
+        with Env(pages_to_scan=3000, sleep_millisecs=1) as e:
+            a, b = twins(e, n)
+            time.sleep(delay)
+            e.d.kill()
+            time.sleep(0.2)
+            for p in (a, b):
+                p.ok(f"check 1 0 {n}")
+            sh = shared(a, b)
+            for pg in range(0, n, 997):
+                a.ok(f"write {pg} 77")
+            b.ok(f"check 1 0 {n}")
+            for pg in range(0, n, 997):
+                check(a.cmd(f"check 1 {pg} 1") != "ok",
+                      f"write to page {pg} lost (delay {delay})")
+            check(wait_for(lambda: a.stats()["active"] == "0", 5),
+                  "agent still active with no daemon")
+            check("daemon went away" in a.err(), "no line about the daemon")
+            check(shared(a, b) <= sh, "merging went on")
+
+
+def test_verify_failures_restore_pages():
+    """Fault injection: every merge fails at verification, at the final
+    mapping, or in moving pages back; the pages must come back intact."""
+    for what in ("verify", "map", "moveback"):
+        with Env() as e:
+            ps = [e.proc(env={"SAMEPAGE_FAULT": what}) for _ in range(2)]
+            for p in ps:
+                p.map(3000)
+                p.ok("fill 1 0 3000")
+                p.ok("merge")
+            time.sleep(1.5)
+            for p in ps:
+                p.ok("check 1 0 3000")
+                p.ok("write 10 5")
+                check(p.cmd("check 1 10 1") != "ok", f"write lost ({what})")
+            if what != "moveback":
+                check(shared(*ps) == 0, f"merged despite failing {what}")
+
+
+def test_client_death_releases():
+    with Env() as e:
+        a, b = twins(e, 2000)
+        converge(e.d, "pages_sharing", 2000)
+        a.p.send_signal(signal.SIGKILL)
+        a.p.wait()
+        st = wait_for(lambda: (lambda s: s if s["clients"] == 1 and
+                               s["pages_sharing"] == 0 else None)(
+            e.d.status()), 10)
+        check(st, "references of the dead client kept")
+        b.ok("check 1 0 2000")
+        b.quit()
+        check(wait_for(lambda: e.d.status()["pool_pages"] == 0, 10),
+              "pool not freed after both left")
+
+
+def test_map_budget():
+    """With vm.max_map_count lowered, merges stop at the budget, count
+    refusals, and the program can still map memory of its own."""
+    path = "/proc/sys/vm/max_map_count"
+    with open(path) as f:
+        old = f.read().strip()
+    try:
+        with open(path, "w") as f:
+            f.write("2000")
+        with Env() as e:
+            a, b = e.proc(), e.proc()
+            for p, own in ((a, 2), (b, 3)):
+                p.map(8000)
+                p.ok("fill 1 0 8000")
+                for pg in range(1, 8000, 2):  # every merge is one page
+                    p.ok(f"fill {own} {pg} 1")
+                p.ok("merge")
+            time.sleep(3)
+            st = a.stats()
+            budget = int(st["budget"])
+            check(budget <= 2000 - 2000 // 8, f"budget {budget} too high")
+            check(int(st["refused"]) > 0, "no refusal counted")
+            check(map_count(a.pid) <= 2000, f"{map_count(a.pid)} mappings")
+            check(e.d.status()["budget_refusals"] > 0, "status refusals")
+            a.ok("mmapmany 100")
+            for p, own in ((a, 2), (b, 3)):
+                for pg in range(0, 8000, 2):
+                    p.ok(f"check 1 {pg} 1")
+                    p.ok(f"check {own} {pg + 1} 1")
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+if __name__ == "__main__":
+    sys.exit(run_tests([
+        test_hammer_no_lost_writes,
+        test_pinned_never_merged,
+        test_fork_child_and_gc,
+        test_exec_stays_under_samepage,
+        test_munmap_mremap_dontneed_while_merging,
+        test_kill_daemon_mid_merge,
+        test_verify_failures_restore_pages,
+        test_client_death_releases,
+        test_map_budget,
+    ]))
