@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""The command and the daemon as a user meets them: samepage run,
+status, set, auto-start and idle exit, --all, and the one-line errors."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sptest import (BIN, LIB, MEMFILL, Daemon, Env, Proc, check,  # noqa: E402
+                    converge, run_tests, shared, wait_for)
+
+SAMEPAGE = os.path.join(BIN, "samepage")
+
+
+def sp(*args, env=None, **kw):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([SAMEPAGE, *args], capture_output=True, text=True,
+                          env=e, timeout=60, **kw)
+
+
+def test_status_formats():
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(500)
+            p.ok("fill 1 0 500")
+            p.ok("merge")
+        converge(e.d, "pages_sharing", 500)
+        txt = e.d.cli("status").stdout
+        for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                  "pages_volatile", "pages_scanned", "full_scans",
+                  "general_profit", "ksm_zero_pages", "map_budget",
+                  "pinned_skipped", "bytes_saved"):
+            check(k in txt, f"status lacks {k}")
+        check(str(a.pid) in txt and "memfill" in txt, "no line per client")
+        js = json.loads(e.d.cli("status", "--json").stdout)
+        check(js["pages_sharing"] == 500, "json pages_sharing")
+        check({p["pid"] for p in js["processes"]} == {a.pid, b.pid},
+              "json processes")
+        prom = e.d.cli("status", "--prometheus").stdout
+        check("samepage_pages_sharing 500" in prom, "prometheus")
+
+
+def test_set_knobs_and_refusals():
+    with Env() as e:
+        e.d.set(pages_to_scan=123, sleep_millisecs=7, use_zero_pages=0)
+        st = e.d.status()
+        check((st["pages_to_scan"], st["sleep_millisecs"],
+               st["use_zero_pages"]) == (123, 7, 0), "knobs not set")
+        for bad in ("run=5", "pages_to_scan=abc", "pages_to_scan=-1",
+                    "use_zero_pages=2", "sleep_millisecs=", "nosuch=1",
+                    "run"):
+            r = e.d.cli("set", bad, check_rc=False)
+            check(r.returncode != 0, f"'{bad}' accepted")
+            err = r.stderr.strip()
+            check(err and "\n" not in err, f"'{bad}': unclear error {err!r}")
+        st = e.d.status()
+        check(st["run"] == 1 and st["pages_to_scan"] == 123,
+              "a refused value changed a knob")
+        e.d.set(run=0)
+        check(e.d.status()["run"] == 0, "run=0")
+
+
+def test_run_set_and_exit_status():
+    with Env() as e:
+        r = sp("run", "--set", "pages_to_scan=4321", "--", "sh", "-c",
+               "exit 3", env={"SAMEPAGE_SOCKET": e.d.sock})
+        check(r.returncode == 3, f"exit status {r.returncode}, want 3")
+        check(e.d.status()["pages_to_scan"] == 4321, "--set not applied")
+        r = sp("run", "--set", "run=9", "--", "true",
+               env={"SAMEPAGE_SOCKET": e.d.sock})
+        check(r.returncode != 0 and r.stderr.strip(), "bad --set accepted")
+        r = sp("run", "--", "/nonexistent/prog",
+               env={"SAMEPAGE_SOCKET": e.d.sock})
+        check(r.returncode == 127, f"missing program: {r.returncode}")
+
+
+def test_autostart_and_idle_exit():
+    """samepage run starts a daemon when none runs; it leaves after its
+    last client and the idle delay."""
+    d = tempfile.mkdtemp(prefix="sptest-auto-")
+    sock = os.path.join(d, "s.sock")
+    env = {"SAMEPAGE_SOCKET": sock, "SAMEPAGE_IDLE_EXIT": "1"}
+    p = Proc(env=env)
+    try:
+        p.map(100)
+        p.ok("merge")
+        check(p.stats()["active"] == "1", "agent not active")
+        st = json.loads(sp("status", "--json", env=env).stdout)
+        pid = st["daemon_pid"]
+        check(st["clients"] == 1, "client not counted")
+        check(p.quit() == 0, "program failed")
+        gone = wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+        check(gone, "auto-started daemon did not leave when idle")
+        check(sp("status", env=env).returncode != 0, "status with no daemon")
+    finally:
+        if p.p.poll() is None:
+            p.p.kill()
+        subprocess.run(["rm", "-rf", d], check=False)
+
+
+def test_default_socket_for_root():
+    if os.geteuid() != 0:
+        return
+    env = dict(os.environ, SAMEPAGE_IDLE_EXIT="1")
+    env.pop("SAMEPAGE_SOCKET", None)
+    r = subprocess.run([SAMEPAGE, "run", "--", "sh", "-c",
+                        "test -n \"$SAMEPAGE_SOCKET\" && echo $SAMEPAGE_SOCKET"],
+                       capture_output=True, text=True, env=env, timeout=30)
+    check(r.returncode == 0, r.stderr)
+    check(r.stdout.strip() == "/run/samepage/samepaged.sock",
+          f"root's socket is {r.stdout.strip()!r}")
+
+
+def test_no_daemon_one_line():
+    """A preloaded program with no daemon says why, once, and runs."""
+    env = {"LD_PRELOAD": os.path.join(LIB, "libsamepage_preload.so"),
+           "SAMEPAGE_SOCKET": "/nonexistent/samepaged.sock"}
+    p = Proc(env=env, direct=True)
+    p.map(100)
+    p.ok("fill 1 0 100")
+    p.ok("merge")
+    p.ok("check 1 0 100")
+    check(p.quit() == 0, "program failed")
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    check(len(lines) == 1, f"want one line, got {lines}")
+    check("samepaged" in lines[0] and "/nonexistent" in lines[0],
+          f"line does not name cause and fix: {lines[0]}")
+
+
+def test_merge_all():
+    """--all: mappings above the threshold merge without madvise."""
+    with Env() as e:
+        a = e.proc(run_args=["--all"])
+        b = e.proc(run_args=["--all"])
+        for p in (a, b):
+            p.map(1024)  # 4 MiB, above the 1 MiB threshold
+            p.ok("fill 1 0 1024")
+        converge(e.d, "pages_sharing", 1024)
+        check(shared(a, b) == 1024, "not merged under --all")
+
+
+def test_daemon_refuses_second_instance():
+    with Env() as e:
+        r = subprocess.run([os.path.join(BIN, "samepaged"), "-f", "-s",
+                            e.d.sock], capture_output=True, text=True,
+                           timeout=10)
+        check(r.returncode != 0, "second daemon on one socket started")
+        check("already" in r.stderr or "running" in r.stderr,
+              f"unclear: {r.stderr.strip()}")
+        check(e.d.proc.poll() is None, "first daemon hurt")
+        r = subprocess.run([os.path.join(BIN, "samepaged"), "-o", "run=7",
+                            "-f", "-s", e.d.sock + "x"], capture_output=True,
+                           text=True, timeout=10)
+        check(r.returncode != 0 and "run" in r.stderr, "bad -o accepted")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tests([
+        test_status_formats,
+        test_set_knobs_and_refusals,
+        test_run_set_and_exit_status,
+        test_autostart_and_idle_exit,
+        test_default_socket_for_root,
+        test_no_daemon_one_line,
+        test_merge_all,
+        test_daemon_refuses_second_instance,
+    ]))
