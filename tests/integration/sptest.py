@@ -175,6 +175,13 @@ class Proc:
         return self.errf.read()
 
 
+def sanitizer_reports(text):
+    """Lines where ASan, UBSan or TSan reported something."""
+    keys = ("ERROR: AddressSanitizer", "runtime error:",
+            "WARNING: ThreadSanitizer", "ERROR: LeakSanitizer")
+    return [ln for ln in text.splitlines() if any(k in ln for k in keys)]
+
+
 class Env:
     """A daemon and the processes of one test, all gone at the end."""
 
@@ -191,10 +198,12 @@ class Env:
         return self
 
     def __exit__(self, *exc):
+        reports = []
         for p in self.procs:
             if p.p.poll() is None:
                 p.p.kill()
             p.p.wait()
+            reports += sanitizer_reports(p.err())
             for f in (p.p.stdin, p.p.stdout, p.errf):
                 try:
                     f.close()
@@ -202,7 +211,10 @@ class Env:
                     pass
         self.d.kill()
         self.d.log.close()
+        reports += sanitizer_reports(self.daemon_log())
         subprocess.run(["rm", "-rf", self.d.dir], check=False)
+        if reports and exc[0] is None:
+            raise Fail("sanitizer: " + reports[0])
         return False
 
     def daemon_log(self):
