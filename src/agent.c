@@ -7,9 +7,11 @@
  * merge.c).  If the daemon goes away the thread ends; merged pages stay
  * valid because the kernel keeps the pool file alive for its mappings.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,20 +34,53 @@ struct sp_agent sp_agent = {
 /* Mappings left to the program itself: 1/8 of vm.max_map_count. */
 static const int map_reserve_div = 8;
 
+/*
+ * The real mmap/munmap/madvise: the next definition after ours (libc, or
+ * a sanitizer's interceptor, which must see every mapping), else the raw
+ * system call.
+ */
+static void *next_sym(void *_Atomic *slot, const char *name)
+{
+	void *f = atomic_load_explicit(slot, memory_order_acquire);
+
+	if (!f) {
+		f = dlsym(RTLD_NEXT, name);
+		atomic_store_explicit(slot, f ? f : (void *)-1,
+				      memory_order_release);
+	}
+	return f == (void *)-1 ? NULL : f;
+}
+
 void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,
 	       off_t off)
 {
+	static void *_Atomic slot;
+	void *(*f)(void *, size_t, int, int, int, off_t) =
+		(void *(*)(void *, size_t, int, int, int, off_t))next_sym(
+			&slot, "mmap");
+
+	if (f)
+		return f(addr, len, prot, flags, fd, off);
 	return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
 }
 
 int sys_munmap(void *addr, size_t len)
 {
-	return (int)syscall(SYS_munmap, addr, len);
+	static void *_Atomic slot;
+	int (*f)(void *, size_t) =
+		(int (*)(void *, size_t))next_sym(&slot, "munmap");
+
+	return f ? f(addr, len) : (int)syscall(SYS_munmap, addr, len);
 }
 
 int sys_madvise(void *addr, size_t len, int advice)
 {
-	return (int)syscall(SYS_madvise, addr, len, advice);
+	static void *_Atomic slot;
+	int (*f)(void *, size_t, int) =
+		(int (*)(void *, size_t, int))next_sym(&slot, "madvise");
+
+	return f ? f(addr, len, advice)
+		 : (int)syscall(SYS_madvise, addr, len, advice);
 }
 
 void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e)

@@ -13,6 +13,7 @@
  */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -240,6 +241,63 @@ int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e)
 	return 0;
 }
 
+/* Add [lo, hi) to the region set where no region is known yet. */
+static void add_gaps(struct sp_agent *a, uintptr_t lo, uintptr_t hi,
+		     int prot)
+{
+	while (lo < hi) {
+		size_t i = rg_first(&a->regions, lo);
+		uintptr_t next = hi;
+
+		if (i < a->regions.n && a->regions.v[i].start <= lo) {
+			lo = a->regions.v[i].end;	/* known: skip it */
+			continue;
+		}
+		if (i < a->regions.n && a->regions.v[i].start < hi)
+			next = a->regions.v[i].start;
+		if (rg_add(&a->regions, lo, next, prot, 0) < 0)
+			return;
+		lo = next;
+	}
+}
+
+/*
+ * Memory samepage did not see being mapped (malloc's own mmaps, memory
+ * mapped before the agent started): take the parts of [s, e) that the
+ * kernel lists as private anonymous, as KSM would.  Shared, file-backed
+ * and stack mappings stay out.
+ */
+static void adopt_unknown(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	char line[512];
+	FILE *f = fopen("/proc/self/maps", "re");
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long vs, ve, off, ino;
+		char perm[8], dev[16], name[256] = "";
+		int prot;
+
+		if (sscanf(line, "%lx-%lx %7s %lx %15s %lu %255s", &vs, &ve,
+			   perm, &off, dev, &ino, name) < 6)
+			continue;
+		if (ve <= s)
+			continue;
+		if (vs >= e)
+			break;
+		if (perm[3] != 'p' || ino != 0 || strcmp(dev, "00:00") ||
+		    (name[0] && strcmp(name, "[heap]") &&
+		     strncmp(name, "[anon:", 6)))
+			continue;
+		prot = (perm[0] == 'r' ? PROT_READ : 0) |
+		       (perm[1] == 'w' ? PROT_WRITE : 0) |
+		       (perm[2] == 'x' ? PROT_EXEC : 0);
+		add_gaps(a, vs > s ? vs : s, ve < e ? ve : e, prot);
+	}
+	fclose(f);
+}
+
 SAMEPAGE_API int samepage_merge(void *addr, size_t len)
 {
 	struct sp_agent *a = &sp_agent;
@@ -249,6 +307,8 @@ SAMEPAGE_API int samepage_merge(void *addr, size_t len)
 	if (r < 0)
 		return r;
 	pthread_mutex_lock(&a->lock);
+	if (a->tracking && !rg_covered(&a->regions, s, e, 0))
+		adopt_unknown(a, s, e);
 	r = agent_mark_mergeable(a, s, e);
 	pthread_mutex_unlock(&a->lock);
 	return r;

@@ -6,6 +6,7 @@
  *
  *   map N                 mmap N private anonymous pages (the region)
  *   mapshared N           the same, MAP_SHARED (KSM ignores these)
+ *   mapmalloc N           the region from posix_memalign (malloc's mmap)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
  *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
  *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
@@ -313,6 +314,16 @@ int main(void)
 			npages = x;
 			printf(region == MAP_FAILED ? "err\n" : "ok %p\n",
 			       (void *)region);
+		} else if (sscanf(line, "mapmalloc %lu", &x) == 1) {
+			void *m = NULL;
+
+			if (posix_memalign(&m, PG, x * PG) == 0) {
+				region = m;
+				npages = x;
+				printf("ok %p\n", m);
+			} else {
+				printf("err\n");
+			}
 		} else if (!strncmp(line, "merge", 5)) {
 			reply(madvise(region, npages * PG, MADV_MERGEABLE));
 		} else if (!strncmp(line, "unmerge", 7)) {

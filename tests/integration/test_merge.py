@@ -227,6 +227,23 @@ def test_prctl_merge_any():
         b.ok("check 1 0 2000")
 
 
+def test_malloc_memory_merges():
+    """Memory from posix_memalign (glibc maps it itself, unseen by the
+    interposer) merges once madvise'd, as with the kernel."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            a_ = int(p.ok("mapmalloc 2000"), 16)
+            p.addr, p.npages = a_, 2000
+            p.ok("fill 1 0 2000")
+            p.ok("merge")
+        converge(e.d, "pages_sharing", 2000)
+        check(shared(a, b) == 2000, f"{shared(a, b)} of 2000 shared")
+        a.ok("write 3 1")
+        b.ok("check 1 0 2000")
+        a.ok("check 1 4 1996")
+
+
 def test_refuses_what_ksm_refuses():
     """MAP_SHARED memory is not merged, as KSM ignores it; madvise
     succeeds, as with the kernel."""
@@ -257,5 +274,6 @@ if __name__ == "__main__":
         test_unmerge_run2,
         test_unmerge_madvise,
         test_prctl_merge_any,
+        test_malloc_memory_merges,
         test_refuses_what_ksm_refuses,
     ]))
