@@ -18,6 +18,9 @@ CPPFLAGS += -D_GNU_SOURCE -Iinclude -Isrc
 ALL_CFLAGS = $(CFLAGS) $(WARN) -std=gnu11 -pthread
 LDLIBS  := -pthread
 
+PLAIN_CFLAGS := $(ALL_CFLAGS)
+PLAIN_LDFLAGS := $(LDFLAGS)
+comma := ,
 ifneq ($(SANITIZE),)
 ALL_CFLAGS += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
 LDFLAGS    += -fsanitize=$(SANITIZE)
@@ -25,14 +28,26 @@ BUILD      := build/$(subst $(comma),-,$(SANITIZE))
 else
 BUILD      := build/plain
 endif
-comma := ,
+# TSan cannot run inside a preloaded library that interposes mmap (it
+# faults in its own shadow before it is set up), so under SANITIZE=thread
+# the preload is built plain; libsamepage.so, the daemon, the command and
+# the test programs are still instrumented.  ASan/UBSan instrument all.
+ifneq ($(findstring thread,$(SANITIZE)),)
+PRE_CFLAGS  := $(PLAIN_CFLAGS)
+PRE_LDFLAGS := $(PLAIN_LDFLAGS)
+PRE_DIR     := $(BUILD)/pre
+else
+PRE_CFLAGS  := $(ALL_CFLAGS)
+PRE_LDFLAGS := $(LDFLAGS)
+PRE_DIR     := $(BUILD)/lib
+endif
 
 LIB_SRC    := proto.c log.c util.c region.c uffd.c merge.c agent.c interpose.c
 DAEMON_SRC := samepaged.c scan.c client.c pool.c index.c proto.c log.c util.c
 CLI_SRC    := samepage.c proto.c log.c util.c
 
 LIB_OBJ    := $(LIB_SRC:%.c=$(BUILD)/lib/%.o)
-PRE_OBJ    := $(LIB_OBJ) $(BUILD)/lib/preload.o
+PRE_OBJ    := $(LIB_SRC:%.c=$(PRE_DIR)/%.o) $(PRE_DIR)/preload.o
 DAEMON_OBJ := $(DAEMON_SRC:%.c=$(BUILD)/bin/%.o)
 CLI_OBJ    := $(CLI_SRC:%.c=$(BUILD)/bin/%.o)
 
@@ -42,6 +57,12 @@ all: $(BINS) tests-build
 
 $(BUILD)/lib/%.o: src/%.c src/*.h include/samepage.h | $(BUILD)/lib
 	$(CC) $(CPPFLAGS) -DSP_LIBRARY $(ALL_CFLAGS) -fPIC -fvisibility=hidden -c -o $@ $<
+ifneq ($(PRE_DIR),$(BUILD)/lib)
+$(PRE_DIR)/%.o: src/%.c src/*.h include/samepage.h | $(PRE_DIR)
+	$(CC) $(CPPFLAGS) -DSP_LIBRARY $(PRE_CFLAGS) -fPIC -fvisibility=hidden -c -o $@ $<
+$(PRE_DIR):
+	mkdir -p $@
+endif
 $(BUILD)/bin/%.o: src/%.c src/*.h include/samepage.h | $(BUILD)/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 $(BUILD)/lib $(BUILD)/bin bin lib:
@@ -55,7 +76,7 @@ $(STAMP): | $(BUILD)/lib
 lib/libsamepage.so: $(LIB_OBJ) $(STAMP) | lib
 	$(CC) -shared $(LDFLAGS) -Wl,-soname,libsamepage.so -o $@ $(LIB_OBJ) $(LDLIBS)
 lib/libsamepage_preload.so: $(PRE_OBJ) $(STAMP) | lib
-	$(CC) -shared $(LDFLAGS) -o $@ $(PRE_OBJ) $(LDLIBS)
+	$(CC) -shared $(PRE_LDFLAGS) -o $@ $(PRE_OBJ) $(LDLIBS)
 bin/samepaged: $(DAEMON_OBJ) $(STAMP) | bin
 	$(CC) $(LDFLAGS) -o $@ $(DAEMON_OBJ) -lxxhash $(LDLIBS)
 bin/samepage: $(CLI_OBJ) $(STAMP) | bin
