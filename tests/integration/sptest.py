@@ -175,6 +175,13 @@ class Proc:
         return self.errf.read()
 
 
+def sanitizer_build():
+    """'tsan', 'asan' or '' for the build of the test programs."""
+    r = subprocess.run(["ldd", MEMFILL], capture_output=True, text=True)
+    return "tsan" if "libtsan" in r.stdout else \
+        "asan" if "libasan" in r.stdout else ""
+
+
 def sanitizer_reports(text):
     """Lines where ASan, UBSan or TSan reported something."""
     keys = ("ERROR: AddressSanitizer", "runtime error:",

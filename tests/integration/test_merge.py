@@ -6,8 +6,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sptest import (PAGE, Env, check, converge, meminfo, run_tests,  # noqa: E402
-                    shared, twins, wait_for)
+from sptest import (PAGE, Env, Skip, check, converge, meminfo,  # noqa: E402
+                    run_tests, sanitizer_build, shared, twins, wait_for)
 
 
 def pool_vmas(pid):
@@ -56,6 +56,8 @@ def test_two_processes_share():
 def test_meminfo_drops():
     """System-wide: anonymous memory falls by what the counters claim."""
     n = 25000  # ~100 MiB per process
+    if sanitizer_build() == "tsan":
+        raise Skip("TSan's shadow memory is anonymous memory too")
     with Env() as e:
         a, b = e.proc(), e.proc()
         for p in (a, b):
