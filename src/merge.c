@@ -113,26 +113,39 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 	}
 }
 
-/* Move [addr, addr + n) out; in[i] says page i is now in scratch.
- * Pages UFFDIO_MOVE refuses with EINVAL lie in a file-backed VMA (a pool
- * mapping whose copy-on-write broke): they are flagged in res. */
+/*
+ * Move [addr, addr + n) out; in[i] says page i is now in scratch.
+ * UFFDIO_MOVE answers EINVAL for a range that crosses a VMA boundary as
+ * well as for a page in a file-backed VMA (a pool mapping whose
+ * copy-on-write broke).  So after an EINVAL the rest goes a page at a
+ * time, and only a single page refused with EINVAL is flagged immovable
+ * in res.
+ */
 static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 		    uint8_t *in, struct sp_item_result *res)
 {
-	size_t i = 0, k, moved;
+	size_t i = 0, k, moved, step = n;
 	int tries = 0, r;
 
 	while (i < n) {
+		size_t len = (step < n - i ? step : n - i) * SP_PAGE;
+
 		r = uffd_move(a->uffd, (uintptr_t)a->scratch + i * SP_PAGE,
-			      addr + i * SP_PAGE, (n - i) * SP_PAGE, &moved);
+			      addr + i * SP_PAGE, len, &moved);
 		for (k = 0; k < moved / SP_PAGE; k++)
 			in[i + k] = 1;
 		i += moved / SP_PAGE;
-		if (r == 0)
-			break;
+		if (r == 0) {
+			tries = 0;
+			continue;	/* step < n: the next page */
+		}
 		if (r == -EAGAIN && tries++ < 3)
 			continue;
 		tries = 0;
+		if (r == -EINVAL && len > SP_PAGE) {
+			step = 1;	/* maybe a VMA boundary: find out */
+			continue;
+		}
 		if (r == -EBUSY)	/* pinned, or shared after fork */
 			a->figs.pinned_skipped++;
 		else if (r == -EINVAL)	/* not an anonymous VMA */

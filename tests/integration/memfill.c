@@ -13,12 +13,17 @@
  *   check SEED FIRST N    verify; "ok" or "err bad PAGE"
  *   write P BYTE          one byte at the start of page P
  *   dontneed FIRST N      madvise(MADV_DONTNEED)
+ *   dontdump FIRST N      madvise(MADV_DONTDUMP): splits the VMA
+ *   guard                 map a page right after the region, so that
+ *                         growing it in place is impossible
  *   munmap FIRST N        unmap part of the region
  *   mremap N              move/resize the region; answers the address
  *   hammer T SECONDS      T threads write, read back and restore words
  *                         in random pages; "ok WRITES LOST"
  *   pin FIRST N           register pages as io_uring fixed buffers
  *   uread FILE FIRST      IORING_OP_READ_FIXED from FILE into page FIRST
+ *                         of the pinned range, at the address it was
+ *                         registered with (mremap does not change it)
  *   fork                  fork; the child answers "child PID" and keeps
  *                         serving on the same stdin/stdout is NOT done:
  *                         the child checks SEED 1 after 1.5 s, twice,
@@ -59,6 +64,7 @@ static size_t npages;
 static struct io_uring ring;
 static int ring_up;
 static size_t pin_first;	/* buffer i is page pin_first + i */
+static uint8_t *pin_base;	/* the region when it was pinned */
 
 static void pattern(uint8_t *p, unsigned seed, size_t page)
 {
@@ -176,6 +182,7 @@ static void cmd_pin(size_t first, size_t n)
 	}
 	ring_up = 1;
 	pin_first = first;
+	pin_base = region;
 	int r = io_uring_register_buffers(&ring, iov, (unsigned)n);
 	free(iov);
 	if (r < 0)
@@ -195,7 +202,7 @@ static void cmd_uread(const char *file, size_t page)
 		return;
 	}
 	sqe = io_uring_get_sqe(&ring);
-	io_uring_prep_read_fixed(sqe, fd, region + page * PG, PG, 0,
+	io_uring_prep_read_fixed(sqe, fd, pin_base + page * PG, PG, 0,
 				 (int)(page - pin_first));
 	io_uring_submit(&ring);
 	r = io_uring_wait_cqe(&ring, &cqe);
@@ -347,6 +354,16 @@ int main(void)
 			printf("ok\n");
 		} else if (sscanf(line, "dontneed %lu %lu", &x, &y) == 2) {
 			reply(madvise(region + x * PG, y * PG, MADV_DONTNEED));
+		} else if (sscanf(line, "dontdump %lu %lu", &x, &y) == 2) {
+			reply(madvise(region + x * PG, y * PG, MADV_DONTDUMP));
+		} else if (!strncmp(line, "guard", 5)) {
+			void *g = mmap(region + npages * PG, PG, PROT_READ,
+				       MAP_PRIVATE | MAP_ANONYMOUS |
+					       MAP_FIXED_NOREPLACE,
+				       -1, 0);
+			/* EEXIST: something is there already, as good */
+			printf(g == region + npages * PG || errno == EEXIST
+				       ? "ok\n" : "err\n");
 		} else if (sscanf(line, "munmap %lu %lu", &x, &y) == 2) {
 			reply(munmap(region + x * PG, y * PG));
 		} else if (sscanf(line, "mremap %lu", &x) == 1) {

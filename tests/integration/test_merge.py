@@ -230,6 +230,23 @@ def test_prctl_merge_any():
         b.ok("check 1 0 2000")
 
 
+def test_runs_across_vma_boundaries():
+    """A run of duplicates that spans two anonymous VMAs (split here by
+    MADV_DONTDUMP) merges whole: no page is written off as immovable."""
+    with Env() as e:
+        ps = [e.proc(), e.proc()]
+        for p in ps:
+            p.map(2000)
+            p.ok("fill 1 0 2000")
+            for first in (300, 1000, 1700):
+                p.ok(f"dontdump {first} 100")
+            p.ok("merge")
+        converge(e.d, "pages_sharing", 2000)
+        check(shared(*ps) == 2000, f"{shared(*ps)} of 2000 shared")
+        for p in ps:
+            p.ok("check 1 0 2000")
+
+
 def test_malloc_memory_merges():
     """Memory from posix_memalign (glibc maps it itself, unseen by the
     interposer) merges once madvise'd, as with the kernel."""
@@ -277,6 +294,7 @@ if __name__ == "__main__":
         test_unmerge_run2,
         test_unmerge_madvise,
         test_prctl_merge_any,
+        test_runs_across_vma_boundaries,
         test_malloc_memory_merges,
         test_refuses_what_ksm_refuses,
     ]))
