@@ -113,38 +113,113 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
 }
 
 /*
- * The kernel grows a mapping only if it is one VMA, and merging split the
- * range into pool and anonymous VMAs.  For a moving grow of a range we
- * merged, do what the kernel would: a new anonymous mapping with the same
- * contents, the old one gone.  Called under the agent lock, so no merge
- * runs meanwhile.  Not done for unreadable ranges, fixed targets or
- * MREMAP_DONTUNMAP: those fail as they did.
+ * The ends of the VMAs that make up [s, e), in order, into *out; their
+ * number, or -1 if part of [s, e) is not mapped (the kernel's EFAULT).
  */
-static void *mremap_merged(struct sp_agent *a, uintptr_t o, size_t oldlen,
-			   size_t newlen, int flags, int prot, int *err)
+static int vma_ends(uintptr_t s, uintptr_t e, uintptr_t **out)
 {
-	size_t i = rg_first(&a->regions, o);
-	bool merged = false;
-	void *n;
+	char line[512];
+	uintptr_t *v = NULL, at = s;
+	int n = 0;
+	FILE *f = fopen("/proc/self/maps", "re");
 
-	for (; i < a->regions.n && a->regions.v[i].start < o + oldlen; i++)
-		merged |= (a->regions.v[i].flags & RG_MERGED) != 0;
-	if (!merged || !(prot & PROT_READ) || newlen <= oldlen ||
-	    (flags & ~MREMAP_MAYMOVE) || !(flags & MREMAP_MAYMOVE))
+	if (!f)
+		return -1;
+	while (at < e && fgets(line, sizeof(line), f)) {
+		unsigned long vs, ve;
+		uintptr_t *nv;
+
+		if (sscanf(line, "%lx-%lx", &vs, &ve) != 2 || ve <= at)
+			continue;
+		if (vs > at || !(nv = realloc(v, (size_t)(n + 1) * sizeof(*v))))
+			break;		/* a hole, or no memory */
+		v = nv;
+		at = ve < e ? ve : e;
+		v[n++] = at;
+	}
+	fclose(f);
+	if (at < e) {
+		free(v);
+		return -1;
+	}
+	*out = v;
+	return n;
+}
+
+/* Move the VMAs ending at ends[0..n) from s to d, keeping each whole. */
+static int move_vmas(uintptr_t s, uintptr_t d, const uintptr_t *ends,
+		     int n)
+{
+	for (int i = 0; i < n; i++) {
+		uintptr_t lo = i ? ends[i - 1] : s;
+
+		if ((void *)syscall(SYS_mremap, lo, ends[i] - lo, ends[i] - lo,
+				    MREMAP_MAYMOVE | MREMAP_FIXED,
+				    d + (lo - s)) == MAP_FAILED)
+			return i;
+	}
+	return n;
+}
+
+/*
+ * Merging split [o, o + oldlen) into pool and anonymous VMAs, and the
+ * kernel grows a range only if it is one VMA (else EFAULT).  Grow it as
+ * the kernel grows one VMA: in place if the addresses after it are free,
+ * else, with MREMAP_MAYMOVE, by moving each of its VMAs in order to a new
+ * place of newlen bytes whose tail is fresh anonymous memory.  mremap
+ * moves page-table entries, so the very pages go along, pinned ones
+ * included; nothing is copied.  Called under the agent lock.
+ */
+static void *grow_split(uintptr_t o, size_t oldlen, size_t newlen,
+			int flags, int prot, int *err)
+{
+	uintptr_t *ends, n;
+	void *t;
+	int nv, moved;
+
+	if (newlen <= oldlen || (flags & ~MREMAP_MAYMOVE))
 		return MAP_FAILED;
-	n = sys_mmap(NULL, newlen, prot | PROT_WRITE,
-		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (n == MAP_FAILED)
-		return MAP_FAILED;
-	memcpy(n, (void *)o, oldlen);
-	if ((!(prot & PROT_WRITE) &&
-	     syscall(SYS_mprotect, n, newlen, prot) < 0) ||
-	    sys_munmap((void *)o, oldlen) < 0) {
-		sys_munmap(n, newlen);
+	t = sys_mmap((void *)(o + oldlen), newlen - oldlen, prot,
+		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	if (t == (void *)(o + oldlen)) {
+		*err = 0;
+		return (void *)o;
+	}
+	if (t != MAP_FAILED)	/* a kernel that took NOREPLACE as a hint */
+		sys_munmap(t, newlen - oldlen);
+	if (!(flags & MREMAP_MAYMOVE)) {
+		*err = ENOMEM;	/* as the kernel: no room in place */
 		return MAP_FAILED;
 	}
-	*err = 0;
-	return n;
+	if ((nv = vma_ends(o, o + oldlen, &ends)) < 0)
+		return MAP_FAILED;
+	t = sys_mmap(NULL, newlen, PROT_NONE,
+		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (t == MAP_FAILED) {
+		free(ends);
+		*err = ENOMEM;
+		return MAP_FAILED;
+	}
+	n = (uintptr_t)t;
+	moved = move_vmas(o, n, ends, nv);
+	if (moved == nv &&
+	    sys_mmap((void *)(n + oldlen), newlen - oldlen, prot,
+		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) !=
+		    MAP_FAILED) {
+		free(ends);
+		*err = 0;
+		return t;
+	}
+	/* Put back what moved: the program must find its pages where
+	 * they were.  Moving back into the holes just left cannot lack
+	 * room; if the kernel refuses anyway, stop rather than lose them. */
+	for (int i = 0; i < moved; i++)
+		ends[i] = n + (ends[i] - o);
+	SP_ASSERT(move_vmas(n, o, ends, moved) == moved);
+	sys_munmap(t, newlen);
+	free(ends);
+	*err = ENOMEM;
+	return MAP_FAILED;
 }
 
 SAMEPAGE_API void *mremap(void *old, size_t oldlen, size_t newlen,
@@ -174,8 +249,9 @@ SAMEPAGE_API void *mremap(void *old, size_t oldlen, size_t newlen,
 		r = a->regions.v[i];
 	p = (void *)syscall(SYS_mremap, old, oldlen, newlen, flags, want);
 	err = errno;
-	if (p == MAP_FAILED && err == EFAULT && known)
-		p = mremap_merged(a, o, oldlen, newlen, flags, r.prot, &err);
+	if (p == MAP_FAILED && err == EFAULT && known &&
+	    rg_any(&a->regions, o, o + oldlen, RG_MERGED))
+		p = grow_split(o, oldlen, newlen, flags, r.prot, &err);
 	if (p != MAP_FAILED) {
 		uintptr_t n = (uintptr_t)p;
 

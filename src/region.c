@@ -174,6 +174,15 @@ bool rg_covered(const struct sp_regions *rs, uintptr_t s, uintptr_t e,
 	return at >= e;
 }
 
+bool rg_any(const struct sp_regions *rs, uintptr_t s, uintptr_t e,
+	    unsigned flags)
+{
+	for (size_t i = rg_first(rs, s); i < rs->n && rs->v[i].start < e; i++)
+		if ((rs->v[i].flags & flags) == flags)
+			return true;
+	return false;
+}
+
 void rg_free(struct sp_regions *rs)
 {
 	free(rs->v);

@@ -89,6 +89,9 @@ int rg_add(struct sp_regions *rs, uintptr_t s, uintptr_t e, int prot,
 void rg_remove(struct sp_regions *rs, uintptr_t s, uintptr_t e);
 int rg_update(struct sp_regions *rs, uintptr_t s, uintptr_t e,
 	      unsigned set, unsigned clear, int prot);
+/* Does any region overlapping [s, e) have all of flags? */
+bool rg_any(const struct sp_regions *rs, uintptr_t s, uintptr_t e,
+	    unsigned flags);
 bool rg_covered(const struct sp_regions *rs, uintptr_t s, uintptr_t e,
 		unsigned flags);
 size_t rg_first(const struct sp_regions *rs, uintptr_t addr);

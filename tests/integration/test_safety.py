@@ -127,6 +127,39 @@ def test_munmap_mremap_dontneed_while_merging():
         check(e.d.proc.poll() is None, "daemon died")
 
 
+def test_mremap_grow_keeps_pages():
+    """Growing a merged range that cannot grow in place moves it, as the
+    kernel moves a single VMA: pinned pages go along (a read into an
+    io_uring fixed buffer shows at the new address), merged pages stay
+    intact, the new tail reads zero."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(2000)
+            p.ok("fill 1 0 2000")
+        r = a.cmd("pin 0 16")
+        if r.startswith("err uring") or r.startswith("err register"):
+            raise Skip(f"io_uring unavailable: {r}")
+        for p in (a, b):
+            p.ok("merge")
+        converge(e.d, "pages_sharing", 2000 - 16)
+        a.ok("guard")
+        old = a.addr
+        a.addr = int(a.ok("mremap 3000"), 16)
+        a.npages = 3000
+        check(a.addr != old, "grew in place despite the guard page")
+        a.ok("check 1 16 1984")
+        a.ok("check 0 2000 1000")
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(os.urandom(PAGE))
+            f.flush()
+            a.ok(f"uread {f.name} 5")
+            a.ok(f"cmpfile {f.name} 5")
+        a.ok("write 100 7")
+        check(a.cmd("check 1 100 1") != "ok", "write after mremap lost")
+        b.ok("check 1 0 2000")
+
+
 def test_kill_daemon_mid_merge():
     """kill -9 of the daemon at several points of merging: every byte
     stays, merged pages stay valid and copy-on-write, merging stops."""
@@ -228,6 +261,7 @@ if __name__ == "__main__":
         test_fork_child_and_gc,
         test_exec_stays_under_samepage,
         test_munmap_mremap_dontneed_while_merging,
+        test_mremap_grow_keeps_pages,
         test_kill_daemon_mid_merge,
         test_verify_failures_restore_pages,
         test_client_death_releases,

@@ -61,6 +61,9 @@ static void add_replaces_overlap_and_coalesces(void **state)
 	assert_int_equal(rs.v[1].prot, 1);
 	assert_false(rg_covered(&rs, P(0), P(20), RG_MERGEABLE));
 	assert_true(rg_covered(&rs, P(0), P(5), RG_MERGEABLE));
+	assert_true(rg_any(&rs, P(4), P(6), RG_MERGEABLE));
+	assert_false(rg_any(&rs, P(5), P(15), RG_MERGEABLE));
+	assert_false(rg_any(&rs, P(20), P(30), 0));	/* nothing there */
 	rg_free(&rs);
 }
 
