@@ -110,12 +110,14 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 	pthread_mutex_lock(&a->lock);
 	for (i = 0; i < m->merge->nitems; i++)
 		if (agent_merge_item(a, &m->items[i], &out.r[i]) == -EINVAL &&
-		    !a->warned_pool++)
+		    !a->warned_pool) {
+			a->warned_pool = 1;
 			log_warnx("daemon sent an item outside the pool "
 				  "(slot %llu + %u, pool %llu pages); skipped",
 				  (unsigned long long)m->items[i].pgoff,
 				  m->items[i].npages,
 				  (unsigned long long)(a->pool_bytes / SP_PAGE));
+		}
 	out.d.figs = a->figs;
 	out.d.batch = m->merge->batch;
 	out.d.nitems = m->merge->nitems;

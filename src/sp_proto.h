@@ -150,6 +150,15 @@ struct sp_msg {
 	const struct sp_item_result *results;
 };
 
+/* A full batch and its answer each fit in one packet. */
+_Static_assert(sizeof(struct sp_hdr) + sizeof(struct sp_merge) +
+		       SP_BATCH_ITEMS * sizeof(struct sp_item) <= SP_MSG_MAX,
+	       "a MERGE batch must fit in SP_MSG_MAX");
+_Static_assert(sizeof(struct sp_hdr) + sizeof(struct sp_merge_done) +
+		       SP_BATCH_ITEMS * sizeof(struct sp_item_result) <=
+		       SP_MSG_MAX,
+	       "a MERGE_DONE must fit in SP_MSG_MAX");
+
 /* 0 and *out filled, or -EBADMSG / -EPROTO (version). */
 int sp_decode(const void *buf, size_t n, struct sp_msg *out);
 /* Write header + payload into buf; returns total length or -EMSGSIZE. */

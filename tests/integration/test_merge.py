@@ -4,6 +4,7 @@ counters and formulas, /proc/meminfo, copy-on-write, zero pages, runs,
 and every way of unmerging."""
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import (PAGE, Env, Skip, check, converge, meminfo,  # noqa: E402
@@ -176,7 +177,6 @@ def test_unmerge_run2():
             check(excl == 3000, f"{excl} of 3000 pages private anonymous")
         # nothing merges while run=0
         c, d = twins(e, 1000, seed=5)
-        import time
         time.sleep(1)
         check(shared(c, d) == 0, "merged while run=0")
         e.d.set(run=1)
@@ -201,7 +201,6 @@ def test_unmerge_madvise():
         st = wait_for(lambda: (lambda s: s if s["pages_sharing"] == 0
                                else None)(e.d.status()), 10)
         check(st, "pages_sharing not 0 after unmerge")
-        import time
         time.sleep(0.5)
         check(shared(a, b) == 0, "merged again after MADV_UNMERGEABLE")
 
@@ -267,7 +266,6 @@ def test_malloc_memory_merges():
 def test_refuses_what_ksm_refuses():
     """MAP_SHARED memory is not merged, as KSM ignores it; madvise
     succeeds, as with the kernel."""
-    import time
     with Env() as e:
         a, b = e.proc(), e.proc()
         for p in (a, b):

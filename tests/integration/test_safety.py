@@ -3,7 +3,6 @@
 would without it.  Each test here tries hard to make a write get lost."""
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,20 +34,27 @@ def test_hammer_no_lost_writes():
               flush=True)
 
 
+def pinned_twins(e):
+    """Two processes with 2000 identical pages, opted in; the first has
+    pages 0-15 registered as io_uring fixed buffers (pinned) before."""
+    a, b = e.proc(), e.proc()
+    for p in (a, b):
+        p.map(2000)
+        p.ok("fill 1 0 2000")
+    r = a.cmd("pin 0 16")
+    if r.startswith("err uring") or r.startswith("err register"):
+        raise Skip(f"io_uring unavailable: {r}")
+    check(r == "ok", r)
+    for p in (a, b):
+        p.ok("merge")
+    converge(e.d, "pages_sharing", 2000 - 16)
+    return a, b
+
+
 def test_pinned_never_merged():
     """io_uring fixed buffers are pinned: never merged, reads land."""
     with Env() as e:
-        a, b = e.proc(), e.proc()
-        for p in (a, b):
-            p.map(2000)
-            p.ok("fill 1 0 2000")
-        r = a.cmd("pin 0 16")
-        if r.startswith("err uring") or r.startswith("err register"):
-            raise Skip(f"io_uring unavailable: {r}")
-        check(r == "ok", r)
-        for p in (a, b):
-            p.ok("merge")
-        converge(e.d, "pages_sharing", 2000 - 16)
+        a, b = pinned_twins(e)
         time.sleep(0.5)
         check(shared(a, b, 0, 16) == 0, "pinned pages merged")
         check(shared(a, b, 16, 1984) == 1984, "the rest not merged")
@@ -133,16 +139,7 @@ def test_mremap_grow_keeps_pages():
     io_uring fixed buffer shows at the new address), merged pages stay
     intact, the new tail reads zero."""
     with Env() as e:
-        a, b = e.proc(), e.proc()
-        for p in (a, b):
-            p.map(2000)
-            p.ok("fill 1 0 2000")
-        r = a.cmd("pin 0 16")
-        if r.startswith("err uring") or r.startswith("err register"):
-            raise Skip(f"io_uring unavailable: {r}")
-        for p in (a, b):
-            p.ok("merge")
-        converge(e.d, "pages_sharing", 2000 - 16)
+        a, b = pinned_twins(e)
         a.ok("guard")
         old = a.addr
         a.addr = int(a.ok("mremap 3000"), 16)
