@@ -43,12 +43,26 @@
 /* Recount the real VMA total after this many mappings made. */
 static const uint64_t recount_every = 512;
 
-/* Fault injection for tests: SAMEPAGE_FAULT=verify|map|moveback. */
+/* Fault injection for tests: SAMEPAGE_FAULT=verify|map|moveback|delay.
+ * Read once; merges run one at a time under the agent lock. */
 static bool fault(const char *what)
 {
-	const char *f = getenv("SAMEPAGE_FAULT");
+	static const char *f;
+	static bool read;
 
+	if (!read) {
+		f = getenv("SAMEPAGE_FAULT");
+		read = true;
+	}
 	return f && strstr(f, what);
+}
+
+/* Is all of [addr, addr + len) still mapped?  (msync: ENOMEM if not.)
+ * The program's libc calls cannot unmap a range under merge (they take
+ * the agent lock); a raw munmap(2) can. */
+static bool mapped(uintptr_t addr, size_t len)
+{
+	return msync((void *)addr, len, MS_ASYNC) == 0 || errno != ENOMEM;
 }
 
 void agent_recount_maps(struct sp_agent *a)
@@ -107,6 +121,10 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 		/* Copy the saved bytes instead; the scratch page is
 		 * dropped with the rest of the scratch area later. */
 		if (uffd_copy(a->uffd, d, s, SP_PAGE) == 0)
+			continue;
+		/* Unmapped meanwhile by a raw munmap that bypassed the
+		 * lock: the page belongs to nobody now. */
+		if (!mapped(d, SP_PAGE))
 			continue;
 		log_warn("cannot restore page %#lx", (unsigned long)d);
 		SP_ASSERT(!"page could not be restored");
@@ -217,6 +235,10 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 		sys_munmap(tmp, len);
 		return -EIO;
 	}
+	if (!mapped(addr, len)) {	/* do not map over a hole it left */
+		sys_munmap(tmp, len);
+		return -ENOENT;
+	}
 	r = fault("map") ? MAP_FAILED
 			 : (void *)syscall(SYS_mremap, tmp, len, len,
 					   MREMAP_MAYMOVE | MREMAP_FIXED,
@@ -302,6 +324,8 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	if (r < 0)
 		return 0;
 	r = move_out(a, it->addr, n, in, res);
+	if (fault("delay"))
+		usleep(200000);	/* widen the window for tests */
 	for (i = 0; i < n; i++) {
 		eq[i] = in[i] && page_equal(a, it, i);
 		if (in[i] && !eq[i])

@@ -17,6 +17,7 @@
  *   guard                 map a page right after the region, so that
  *                         growing it in place is impossible
  *   munmap FIRST N        unmap part of the region
+ *   rawunmap FIRST N      the same with syscall(2), bypassing libc
  *   mremap N              move/resize the region; answers the address
  *   hammer T SECONDS      T threads write, read back and restore words
  *                         in random pages; "ok WRITES LOST"
@@ -47,6 +48,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -364,6 +366,9 @@ int main(void)
 			/* EEXIST: something is there already, as good */
 			printf(g == region + npages * PG || errno == EEXIST
 				       ? "ok\n" : "err\n");
+		} else if (sscanf(line, "rawunmap %lu %lu", &x, &y) == 2) {
+			reply((int)syscall(SYS_munmap, region + x * PG,
+					   y * PG));
 		} else if (sscanf(line, "munmap %lu %lu", &x, &y) == 2) {
 			reply(munmap(region + x * PG, y * PG));
 		} else if (sscanf(line, "mremap %lu", &x) == 1) {

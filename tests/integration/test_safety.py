@@ -157,6 +157,39 @@ def test_mremap_grow_keeps_pages():
         b.ok("check 1 0 2000")
 
 
+def test_raw_munmap_during_merge():
+    """A raw munmap(2), which bypasses the agent's lock, lands while pages
+    are out for comparison (each merge held open 200 ms): the program
+    lives, what it kept is intact, and nothing is mapped again where it
+    unmapped."""
+    n = 4000
+    with Env() as e:
+        a = e.proc(env={"SAMEPAGE_FAULT": "delay"})
+        b = e.proc()
+        for p in (a, b):
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+            p.ok("merge")
+        gone = []
+        for first in range(0, n, 400):
+            time.sleep(0.1)
+            a.ok(f"rawunmap {first} 100")
+            gone.append(first)
+        time.sleep(1)
+        for first in range(0, n, 400):
+            a.ok(f"check 1 {first + 100} 300")
+        with open(f"/proc/{a.pid}/maps") as f:
+            spans = [tuple(int(x, 16) for x in ln.split()[0].split("-"))
+                     for ln in f]
+        for first in gone:
+            lo = a.addr + first * PAGE
+            hi = lo + 100 * PAGE
+            check(not any(s < hi and t > lo for s, t in spans),
+                  f"pages {first}..{first + 99} mapped again")
+        b.ok(f"check 1 0 {n}")
+        check(e.d.proc.poll() is None, "daemon died")
+
+
 def test_kill_daemon_mid_merge():
     """kill -9 of the daemon at several points of merging: every byte
     stays, merged pages stay valid and copy-on-write, merging stops."""
@@ -259,6 +292,7 @@ if __name__ == "__main__":
         test_exec_stays_under_samepage,
         test_munmap_mremap_dontneed_while_merging,
         test_mremap_grow_keeps_pages,
+        test_raw_munmap_during_merge,
         test_kill_daemon_mid_merge,
         test_verify_failures_restore_pages,
         test_client_death_releases,
