@@ -19,14 +19,19 @@ static const char *idle_exit_default = "10";
 
 static char sock_path[108];
 
+static const char usage_text[] =
+	"usage: samepage run [--all] [--set knob=value]... -- program "
+	"[arg ...]\n"
+	"       samepage status [--json | --prometheus]\n"
+	"       samepage set knob=value ...\n"
+	"       samepage unmerge\n"
+	"knobs: pages_to_scan, sleep_millisecs, run (0 stop, 1 run, 2 unmerge "
+	"and stop), use_zero_pages\n"
+	"See samepage(1).\n";
+
 static void usage(void)
 {
-	fprintf(stderr,
-		"usage: samepage run [--all] [--set knob=value]... -- program "
-		"[arg ...]\n"
-		"       samepage status [--json | --prometheus]\n"
-		"       samepage set knob=value ...\n"
-		"       samepage unmerge\n");
+	fputs(usage_text, stderr);
 	exit(2);
 }
 
@@ -386,6 +391,10 @@ int main(int argc, char **argv)
 {
 	if (argc < 2)
 		usage();
+	if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
+		fputs(usage_text, stdout);
+		return 0;
+	}
 	if (sp_default_socket(sock_path, sizeof(sock_path)) < 0) {
 		fprintf(stderr, "samepage: socket path too long\n");
 		return 2;

@@ -511,6 +511,7 @@ int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
 		{ "foreground", no_argument, NULL, 'f' },
+		{ "help", no_argument, NULL, 'h' },
 		{ "idle-exit", required_argument, NULL, 'i' },
 		{ "set", required_argument, NULL, 'o' },
 		{ "socket", required_argument, NULL, 's' },
@@ -520,7 +521,7 @@ int main(int argc, char **argv)
 	int ch, foreground = 0, verbose = 0, r;
 	uint64_t pool_bytes;
 
-	while ((ch = getopt_long(argc, argv, "dfi:o:s:v", lo, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "dfhi:o:s:v", lo, NULL)) != -1) {
 		switch (ch) {
 		case 'd': case 'f': foreground = 1; break;
 		case 'i': idle_exit_s = atol(optarg); break;
@@ -528,6 +529,12 @@ int main(int argc, char **argv)
 		case 's': snprintf(sock_path, sizeof(sock_path), "%s", optarg);
 			break;
 		case 'v': verbose = 1; break;
+		case 'h':
+			printf("usage: samepaged [-dfv] [-i idle-seconds] "
+			       "[-o knob=value] [-s socket]\n"
+			       "knobs: pages_to_scan, sleep_millisecs, run, "
+			       "use_zero_pages\nSee samepaged(8).\n");
+			return 0;
 		default: usage();
 		}
 	}

@@ -138,6 +138,16 @@ def test_merge_all():
         check(shared(a, b) == 1024, "not merged under --all")
 
 
+def test_help():
+    for prog in (SAMEPAGE, os.path.join(BIN, "samepaged")):
+        r = subprocess.run([prog, "--help"], capture_output=True, text=True,
+                           timeout=10)
+        check(r.returncode == 0 and "usage:" in r.stdout,
+              f"{prog} --help: {r.returncode} {r.stderr.strip()}")
+    r = sp("frobnicate")
+    check(r.returncode == 2 and "usage:" in r.stderr, "bad command accepted")
+
+
 def test_daemon_refuses_second_instance():
     with Env() as e:
         r = subprocess.run([os.path.join(BIN, "samepaged"), "-f", "-s",
@@ -162,5 +172,6 @@ if __name__ == "__main__":
         test_default_socket_for_root,
         test_no_daemon_one_line,
         test_merge_all,
+        test_help,
         test_daemon_refuses_second_instance,
     ]))
