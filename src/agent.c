@@ -307,6 +307,9 @@ static int agent_start(struct sp_agent *a)
 		r = -EAGAIN;
 		goto fail;
 	}
+	/* Visible in top -H and /proc/PID/task/TID/comm: CPU spent merging
+	 * inside the program can be told from the program's own. */
+	pthread_setname_np(a->thread, "samepage-agent");
 	a->thread_started = 1;
 	a->active = 1;
 	register_all(a);

@@ -14,3 +14,7 @@ tests/bin/test_index: tests/unit/test_index.c src/index.c src/pool.c src/log.c s
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
 tests/bin/%: tests/integration/%.c $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< -luring $(LDLIBS)
+# The benchmark's workload program (bench/run) is built with the rest.
+tests-build: tests/bin/workload
+tests/bin/workload: bench/workload.c $(STAMP) | tests/bin
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(LDLIBS)
