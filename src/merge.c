@@ -65,28 +65,44 @@ static bool mapped(uintptr_t addr, size_t len)
 	return msync((void *)addr, len, MS_ASYNC) == 0 || errno != ENOMEM;
 }
 
+/* Count the lines of /proc/self/maps: the kernel's own map count. */
 void agent_recount_maps(struct sp_agent *a)
 {
-	FILE *f = fopen("/proc/self/maps", "re");
+	char buf[65536];
 	uint64_t n = 0;
-	int c;
+	ssize_t got;
+	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 
-	if (!f)
+	if (fd < 0)
 		return;
-	while ((c = getc(f)) != EOF)
-		n += c == '\n';
-	fclose(f);
+	while ((got = read(fd, buf, sizeof(buf))) > 0)
+		for (char *p = buf; (p = memchr(p, '\n', (size_t)(buf + got - p)));
+		     p++)
+			n++;
+	close(fd);
 	a->figs.mappings = n;
 	a->recount_at = n + recount_every;
+	a->refused_since_count = 0;
 }
 
+/*
+ * May `more` mappings be added?  The count is kept by arithmetic and
+ * checked against the kernel every recount_every new mappings.  Over the
+ * budget, the kernel is asked again only after recount_every refusals
+ * (the program may have unmapped meanwhile), not on every merge: reading
+ * /proc/self/maps costs in proportion to the mappings.
+ */
 static bool budget_allows(struct sp_agent *a, uint64_t more)
 {
-	if (a->figs.mappings + more >= a->recount_at ||
-	    a->figs.mappings + more > a->figs.map_budget)
+	if (a->figs.mappings + more >= a->recount_at)
 		agent_recount_maps(a);
 	if (a->figs.mappings + more <= a->figs.map_budget)
 		return true;
+	if (++a->refused_since_count >= recount_every) {
+		agent_recount_maps(a);
+		if (a->figs.mappings + more <= a->figs.map_budget)
+			return true;
+	}
 	if (!a->budget_logged) {
 		log_warnx("mapping budget reached (%llu of vm.max_map_count "
 			  "%llu); merging fewer pages. Raise it with: "
