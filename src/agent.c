@@ -118,6 +118,7 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 				  m->items[i].npages,
 				  (unsigned long long)(a->pool_bytes / SP_PAGE));
 		}
+	agent_release_scratch(a);
 	out.d.figs = a->figs;
 	out.d.batch = m->merge->batch;
 	out.d.nitems = m->merge->nitems;
@@ -215,7 +216,7 @@ static int hello(struct sp_agent *a)
 
 static int map_pool_and_scratch(struct sp_agent *a)
 {
-	size_t slen = SP_ITEM_PAGES * SP_PAGE;
+	size_t slen = SP_SCRATCH_PAGES * SP_PAGE;
 
 	if (a->pool)
 		sys_munmap(a->pool, a->pool_bytes);
@@ -237,6 +238,7 @@ static int map_pool_and_scratch(struct sp_agent *a)
 		sys_madvise(a->scratch, slen, MADV_NOHUGEPAGE);
 	}
 	sys_madvise(a->scratch, slen, MADV_DONTNEED);
+	a->scratch_used = 0;
 	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen);
 }
 

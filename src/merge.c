@@ -21,6 +21,9 @@
  *      all-zero pages get UFFDIO_ZEROPAGE instead (no pool, no VMA);
  *   5. move every other page back where it was;
  *   6. wake the blocked accesses and unregister.
+ * The program's old pages of merged runs stay in scratch (reachable by
+ * nobody but the agent) until the batch ends or scratch is full, and are
+ * then freed by one MADV_DONTNEED: one TLB flush for many items.
  * A page that cannot be put back by MOVE is put back by UFFDIO_COPY; if
  * even that fails the process aborts rather than run on with a hole.
  */
@@ -40,7 +43,8 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-/* Recount the real VMA total after this many mappings made. */
+/* Recount the real VMA total after this many mappings made, at least;
+ * far below the budget, after half the distance to it. */
 static const uint64_t recount_every = 512;
 
 /* Fault injection for tests: SAMEPAGE_FAULT=verify|map|moveback|delay.
@@ -82,15 +86,19 @@ void agent_recount_maps(struct sp_agent *a)
 	close(fd);
 	a->figs.mappings = n;
 	a->recount_at = n + recount_every;
+	if (a->figs.map_budget > n + 2 * recount_every)
+		a->recount_at = n + (a->figs.map_budget - n) / 2;
 	a->refused_since_count = 0;
 }
 
 /*
- * May `more` mappings be added?  The count is kept by arithmetic and
- * checked against the kernel every recount_every new mappings.  Over the
- * budget, the kernel is asked again only after recount_every refusals
- * (the program may have unmapped meanwhile), not on every merge: reading
- * /proc/self/maps costs in proportion to the mappings.
+ * May `more` mappings be added?  The count is kept by arithmetic (which
+ * overcounts: neighbouring mappings merge) and checked against the
+ * kernel at recount_at.  Over the budget, the kernel is asked again only
+ * after recount_every refusals (the program may have unmapped meanwhile),
+ * not on every merge: reading /proc/self/maps costs in proportion to the
+ * mappings.  The program's own new mappings are not counted between
+ * recounts; they come out of the reserve left below vm.max_map_count.
  */
 static bool budget_allows(struct sp_agent *a, uint64_t more)
 {
@@ -119,7 +127,7 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 		      size_t n)
 {
 	uintptr_t dst = addr + i * SP_PAGE;
-	uintptr_t src = (uintptr_t)a->scratch + i * SP_PAGE;
+	uintptr_t src = (uintptr_t)a->slot + i * SP_PAGE;
 	size_t moved, k;
 
 	if (!fault("moveback") &&
@@ -164,7 +172,7 @@ static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 	while (i < n) {
 		size_t len = (step < n - i ? step : n - i) * SP_PAGE;
 
-		r = uffd_move(a->uffd, (uintptr_t)a->scratch + i * SP_PAGE,
+		r = uffd_move(a->uffd, (uintptr_t)a->slot + i * SP_PAGE,
 			      addr + i * SP_PAGE, len, &moved);
 		for (k = 0; k < moved / SP_PAGE; k++)
 			in[i + k] = 1;
@@ -279,7 +287,7 @@ static void set_bits(struct sp_item_result *res, size_t i, size_t n)
 static bool page_equal(struct sp_agent *a, const struct sp_item *it,
 		       size_t i)
 {
-	const uint8_t *p = a->scratch + i * SP_PAGE;
+	const uint8_t *p = a->slot + i * SP_PAGE;
 
 	if (it->kind == SP_ITEM_ZERO)
 		return sp_page_is_zero(p);
@@ -316,11 +324,20 @@ static bool merge_run(struct sp_agent *a, const struct sp_item *it,
 		a->zero_pages += n;
 		return true;
 	}
-	if (map_run(a, at, it->pgoff + i, n, a->scratch + i * SP_PAGE) < 0)
+	if (map_run(a, at, it->pgoff + i, n, a->slot + i * SP_PAGE) < 0)
 		return false;
 	rg_update(&a->regions, at, at + n * SP_PAGE, RG_MERGED, 0, -1);
 	a->merged_pages += n;
 	return true;
+}
+
+/* Free the old pages of merged items, all in one go. */
+void agent_release_scratch(struct sp_agent *a)
+{
+	if (a->scratch_used)
+		sys_madvise(a->scratch, a->scratch_used * SP_PAGE,
+			    MADV_DONTNEED);
+	a->scratch_used = 0;
 }
 
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
@@ -339,6 +356,10 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	r = uffd_register(a->uffd, it->addr, len);
 	if (r < 0)
 		return 0;
+	if (a->scratch_used + n > SP_SCRATCH_PAGES)
+		agent_release_scratch(a);
+	a->slot = a->scratch + a->scratch_used * SP_PAGE;
+	a->scratch_used += n;
 	r = move_out(a, it->addr, n, in, res);
 	if (fault("delay"))
 		usleep(200000);	/* widen the window for tests */
@@ -355,7 +376,6 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		else
 			restore(a, it->addr, in, i, j);
 	}
-	sys_madvise(a->scratch, len, MADV_DONTNEED);
 	uffd_wake(a->uffd, it->addr, len);
 	if (uffd_unregister(a->uffd, it->addr, len) < 0)
 		log_warn("unregister %#lx", (unsigned long)it->addr);

@@ -109,6 +109,11 @@ int uffd_zeropage(int uffd, uintptr_t s, size_t len);
 int uffd_copy(int uffd, uintptr_t dst, uintptr_t src, size_t len);
 
 /* ---- agent.c / merge.c / interpose.c -------------------------------- */
+/* Scratch pages: pages moved out of merged items stay here until the
+ * batch ends or the area is full, then go in one MADV_DONTNEED (one TLB
+ * flush, not one per item). */
+#define SP_SCRATCH_PAGES (4 * SP_ITEM_PAGES)
+
 struct sp_agent {
 	pthread_mutex_t lock;	/* serialises merges with the program's
 				 * mapping changes */
@@ -123,7 +128,9 @@ struct sp_agent {
 	uint8_t *pool;		/* read-only view of the pool */
 	uint64_t pool_bytes;
 	unsigned warned_pool;	/* "outside the pool" said once */
-	uint8_t *scratch;	/* SP_ITEM_PAGES pages, registered */
+	uint8_t *scratch;	/* SP_SCRATCH_PAGES pages, registered */
+	uint8_t *slot;		/* the current item's part of scratch */
+	size_t scratch_used;	/* pages of scratch holding old pages */
 	pthread_t thread;
 	int thread_started;
 	struct sp_regions regions;
@@ -135,6 +142,7 @@ struct sp_agent {
 
 extern struct sp_agent sp_agent;
 
+void agent_release_scratch(struct sp_agent *a);
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res);
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e);
