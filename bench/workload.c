@@ -19,6 +19,12 @@
  *        cowstorm   every page a duplicate (the cow command then breaks
  *                   every merge)
  *   ID   the process's number: unique pages differ between processes
+ *
+ * usage: workload membound MIB SECONDS
+ *   a memory-bound program that does not opt in: random 8-byte
+ *   read-modify-writes over MIB of its own memory for SECONDS; prints
+ *   "rate OPS_PER_SECOND".  bench/run times it with and without a merger
+ *   scanning alongside.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -139,13 +145,41 @@ static void cow(void)
 	free(lat);
 }
 
+static int membound(size_t mib, double seconds)
+{
+	size_t words = mib * (1 << 20) / 8, ops = 0;
+	uint64_t *w = malloc(words * 8), x = 1, t0, t1;
+
+	if (!w) {
+		perror("malloc");
+		return 1;
+	}
+	for (size_t i = 0; i < words; i++)
+		w[i] = i;
+	t0 = now_ns();
+	do {
+		for (int i = 0; i < 65536; i++) {
+			x = mix(x + w[x % words]);
+			w[x % words] += x;
+		}
+		ops += 65536;
+		t1 = now_ns();
+	} while (t1 - t0 < (uint64_t)(seconds * 1e9));
+	printf("rate %.0f\n", (double)ops * 1e9 / (double)(t1 - t0));
+	free(w);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	char line[64];
 	pthread_t t;
 
+	if (argc == 4 && !strcmp(argv[1], "membound"))
+		return membound(strtoul(argv[2], NULL, 10), atof(argv[3]));
 	if (argc != 4) {
-		fprintf(stderr, "usage: workload KIND MIB ID\n");
+		fprintf(stderr, "usage: workload KIND MIB ID | "
+			"workload membound MIB SECONDS\n");
 		return 2;
 	}
 	npages = strtoul(argv[2], NULL, 10) * (1 << 20) / PG;
