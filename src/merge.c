@@ -14,11 +14,13 @@
  *      (EBUSY): those are never merged;
  *   3. compare each moved page, byte for byte, with its pool page (the
  *      pool is written only by the daemon and never while leased);
- *   4. for each equal sub-run, map the pool pages MAP_PRIVATE at a
- *      temporary address, populate them, check them again against the
- *      saved copy and in pagemap, then mremap them over the hole.  The
- *      program cannot see a mapping before it is verified;
- *      all-zero pages get UFFDIO_ZEROPAGE instead (no pool, no VMA);
+ *   4. for each equal sub-run, map the pool pages MAP_PRIVATE|MAP_FIXED
+ *      over the hole (the same file pages step 3 compared, so the program
+ *      can only read the saved bytes), populate them, and check the new
+ *      mapping: pool frames in pagemap, bytes equal to the saved copy.
+ *      A run that fails the check is made private again (CoW broken in
+ *      place, keeping any write the program made meanwhile).  All-zero
+ *      pages get UFFDIO_ZEROPAGE instead (no pool, no VMA);
  *   5. move every other page back where it was;
  *   6. wake the blocked accesses and unregister.
  * The program's old pages of merged runs stay in scratch (reachable by
@@ -26,6 +28,8 @@
  * then freed by one MADV_DONTNEED: one TLB flush for many items.
  * A page that cannot be put back by MOVE is put back by UFFDIO_COPY; if
  * even that fails the process aborts rather than run on with a hole.
+ * (An earlier version mapped at a temporary address and mremap'ed it
+ * over the hole; mremap's TLB flush made it the costliest step.)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -236,45 +240,100 @@ static void reapply_flags(struct sp_agent *a, uintptr_t s, size_t len)
 	}
 }
 
-/* Map pool pages [pgoff, pgoff + n) over the hole at addr, verified. */
+/* Give [p, p + n pages) private copies again without changing a byte. */
+static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
+{
+	char path[64];
+	int fd;
+
+	if (sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
+		return;
+	/* Read-only mapping: write each page's first byte back through
+	 * /proc/self/mem (FOLL_FORCE breaks CoW); nobody can write these
+	 * pages concurrently, they are not writable. */
+	snprintf(path, sizeof(path), "/proc/self/mem");
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		char c;
+		off_t off = (off_t)(p + i * SP_PAGE);
+
+		if (pread(fd, &c, 1, off) == 1 && pwrite(fd, &c, 1, off) != 1)
+			log_warn("unmerge %#lx", (unsigned long)off);
+	}
+	close(fd);
+	(void)a;
+}
+
+/*
+ * After a failed MAP_FIXED the hole must still be there for move_back.
+ * Linux restores the old mapping when mmap fails; if it did not, make
+ * the hole again (anonymous, registered) or stop: the saved pages would
+ * have nowhere to go.
+ */
+static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
+{
+	void *p;
+
+	if (mapped(addr, len))
+		return;
+	p = sys_mmap((void *)addr, len, PROT_READ | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	if (p != (void *)addr || uffd_register(a->uffd, addr, len) < 0) {
+		log_warn("cannot restore the range at %#lx",
+			 (unsigned long)addr);
+		SP_ASSERT(!"hole lost after a failed mmap");
+	}
+	reapply_flags(a, addr, len);
+}
+
+/*
+ * Map pool pages [pgoff, pgoff + n) over the hole at addr.  Their content
+ * was compared with the saved pages through the agent's view of the same
+ * pool file before (page_equal), and the pool is not written while
+ * leased, so the program can only ever read the saved bytes here.  Then
+ * the new mapping is checked: present, file-backed, on the pool's own
+ * frames (pagemap), and equal to the saved copy.
+ *   0        merged
+ *   -EIO     mapped but not merged (a check failed; or a thread of the
+ *            program wrote a page at once): the pages were made private,
+ *            as the program's own; nothing may be moved back over them
+ *   other    nothing mapped; the hole is there for move_back
+ */
 static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 		   size_t n, const uint8_t *saved)
 {
 	size_t len = n * SP_PAGE;
 	const uint8_t *pool = a->pool + pgoff * SP_PAGE;
-	void *tmp, *r;
+	void *r;
 
 	if (!budget_allows(a, 2)) {
 		a->figs.budget_refusals += n;
 		return -ENOMEM;
 	}
-	tmp = sys_mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE,
-		       a->poolfd, (off_t)(pgoff * SP_PAGE));
-	if (tmp == MAP_FAILED)
-		return -errno;
-	if (sys_madvise(tmp, len, MADV_POPULATE_READ) < 0 ||
-	    memcmp(tmp, saved, len) != 0 || fault("verify") ||
-	    !pool_pfns_match(a, (uintptr_t)tmp, pool, n)) {
-		log_debug("verify failed at %#lx", (unsigned long)addr);
-		sys_munmap(tmp, len);
-		return -EIO;
-	}
-	if (!mapped(addr, len)) {	/* do not map over a hole it left */
-		sys_munmap(tmp, len);
+	if (!mapped(addr, len))		/* do not map over a hole it left */
 		return -ENOENT;
-	}
 	r = fault("map") ? MAP_FAILED
-			 : (void *)syscall(SYS_mremap, tmp, len, len,
-					   MREMAP_MAYMOVE | MREMAP_FIXED,
-					   addr);
+			 : sys_mmap((void *)addr, len, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_FIXED, a->poolfd,
+				    (off_t)(pgoff * SP_PAGE));
 	if (r == MAP_FAILED) {
 		int err = fault("map") ? -ENOMEM : -errno;
 
-		sys_munmap(tmp, len);
+		keep_hole(a, addr, len);
 		return err;
 	}
 	a->figs.mappings += 2;
 	reapply_flags(a, addr, len);
+	if (sys_madvise((void *)addr, len, MADV_POPULATE_READ) < 0 ||
+	    fault("verify") || !pool_pfns_match(a, addr, pool, n) ||
+	    memcmp((void *)addr, saved, len) != 0) {
+		log_debug("check after mapping failed at %#lx",
+			  (unsigned long)addr);
+		break_cow(a, addr, n);
+		return -EIO;
+	}
 	return 0;
 }
 
@@ -311,24 +370,37 @@ static void restore(struct sp_agent *a, uintptr_t addr, const uint8_t *in,
 	}
 }
 
-/* Merge the equal sub-run [i, j); false: it must be moved back. */
-static bool merge_run(struct sp_agent *a, const struct sp_item *it,
-		      size_t i, size_t j)
+/*
+ * Merge the equal sub-run [i, j).  1: merged; 0: nothing changed, the
+ * pages must be moved back; -1: mapped but left private (see map_run),
+ * the saved pages are dropped.
+ */
+static int merge_run(struct sp_agent *a, const struct sp_item *it,
+		     size_t i, size_t j, struct sp_item_result *res)
 {
 	uintptr_t at = it->addr + i * SP_PAGE;
 	size_t n = j - i;
+	int r;
 
 	if (it->kind == SP_ITEM_ZERO) {
 		if (uffd_zeropage(a->uffd, at, n * SP_PAGE) < 0)
-			return false;
+			return 0;
 		a->zero_pages += n;
-		return true;
+		return 1;
 	}
-	if (map_run(a, at, it->pgoff + i, n, a->slot + i * SP_PAGE) < 0)
-		return false;
+	r = map_run(a, at, it->pgoff + i, n, a->slot + i * SP_PAGE);
+	if (r < 0 && r != -EIO)
+		return 0;
+	/* Either way the range is a mapping of its own now. */
 	rg_update(&a->regions, at, at + n * SP_PAGE, RG_MERGED, 0, -1);
+	if (r == -EIO) {
+		/* private pages in a file mapping: MOVE refuses them */
+		for (; i < j; i++)
+			res->immovable[i / 64] |= 1ULL << (i % 64);
+		return -1;
+	}
 	a->merged_pages += n;
-	return true;
+	return 1;
 }
 
 /* Free the old pages of merged items, all in one go. */
@@ -345,7 +417,7 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 {
 	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
 	size_t n = it->npages, len = n * SP_PAGE, i, j;
-	int r;
+	int r, r2;
 
 	memset(res, 0, sizeof(*res));
 	if (!rg_covered(&a->regions, it->addr, it->addr + len, RG_MERGEABLE))
@@ -371,41 +443,16 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	for (i = 0; i < n; i = j) {
 		for (j = i + 1; j < n && eq[j] == eq[i]; j++)
 			;
-		if (eq[i] && merge_run(a, it, i, j))
+		r2 = eq[i] ? merge_run(a, it, i, j, res) : 0;
+		if (r2 > 0)
 			set_bits(res, i, j - i);
-		else
+		else if (r2 == 0)
 			restore(a, it->addr, in, i, j);
 	}
 	uffd_wake(a->uffd, it->addr, len);
 	if (uffd_unregister(a->uffd, it->addr, len) < 0)
 		log_warn("unregister %#lx", (unsigned long)it->addr);
 	return r;
-}
-
-/* Give [p, p + n pages) private copies again without changing a byte. */
-static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
-{
-	char path[64];
-	int fd;
-
-	if (sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
-		return;
-	/* Read-only mapping: write each page's first byte back through
-	 * /proc/self/mem (FOLL_FORCE breaks CoW); nobody can write these
-	 * pages concurrently, they are not writable. */
-	snprintf(path, sizeof(path), "/proc/self/mem");
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return;
-	for (size_t i = 0; i < n; i++) {
-		char c;
-		off_t off = (off_t)(p + i * SP_PAGE);
-
-		if (pread(fd, &c, 1, off) == 1 && pwrite(fd, &c, 1, off) != 1)
-			log_warn("unmerge %#lx", (unsigned long)off);
-	}
-	close(fd);
-	(void)a;
 }
 
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
