@@ -237,6 +237,15 @@ static int map_pool_and_scratch(struct sp_agent *a)
 		}
 		sys_madvise(a->scratch, slen, MADV_NOHUGEPAGE);
 	}
+	if (!a->cmpbuf) {
+		a->cmpbuf = sys_mmap(NULL, 2 * SP_CMP_PAGES * SP_PAGE,
+				     PROT_READ | PROT_WRITE,
+				     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (a->cmpbuf == MAP_FAILED) {
+			a->cmpbuf = NULL;
+			return -errno;
+		}
+	}
 	sys_madvise(a->scratch, slen, MADV_DONTNEED);
 	a->scratch_used = 0;
 	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen);

@@ -17,7 +17,7 @@
  *   4. for each equal sub-run, map the pool pages MAP_PRIVATE|MAP_FIXED
  *      over the hole (the same file pages step 3 compared, so the program
  *      can only read the saved bytes), populate them, and check the new
- *      mapping: pool frames in pagemap, bytes equal to the saved copy.
+ *      mapping: pool frames in pagemap (bytes, where PFNs are hidden).
  *      A run that fails the check is made private again (CoW broken in
  *      place, keeping any write the program made meanwhile).  All-zero
  *      pages get UFFDIO_ZEROPAGE instead (no pool, no VMA);
@@ -38,6 +38,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "sp.h"
@@ -51,7 +52,8 @@
  * far below the budget, after half the distance to it. */
 static const uint64_t recount_every = 512;
 
-/* Fault injection for tests: SAMEPAGE_FAULT=verify|map|moveback|delay.
+/* Fault injection for tests:
+ * SAMEPAGE_FAULT=verify|map|moveback|delay|inplace.
  * Read once; merges run one at a time under the agent lock. */
 static bool fault(const char *what)
 {
@@ -203,21 +205,31 @@ static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 	return 0;
 }
 
-static bool pool_pfns_match(struct sp_agent *a, uintptr_t tmp,
-			    const uint8_t *pool, size_t n)
+/*
+ * Are the n pages at addr file pages on the same frames as the agent's
+ * view of the pool at pool?  *same: the frames were compared (PFNs read
+ * as 0 without CAP_SYS_ADMIN, and then only the file bit is known).
+ */
+static bool pool_pfns_match(struct sp_agent *a, uintptr_t addr,
+			    const uint8_t *pool, size_t n, bool *same)
 {
 	uint64_t mine[SP_ITEM_PAGES], theirs[SP_ITEM_PAGES];
 	size_t i;
 
-	if (sp_pagemap_read(a->pagemap, tmp, n, mine) < 0 ||
+	*same = false;
+	if (sys_madvise((void *)(uintptr_t)pool, n * SP_PAGE,
+			MADV_POPULATE_READ) < 0 ||
+	    sp_pagemap_read(a->pagemap, addr, n, mine) < 0 ||
 	    sp_pagemap_read(a->pagemap, (uintptr_t)pool, n, theirs) < 0)
 		return false;
+	*same = true;
 	for (i = 0; i < n; i++) {
 		if ((mine[i] & (PM_PRESENT | PM_FILE)) !=
 		    (PM_PRESENT | PM_FILE))
 			return false;
-		/* PFNs read as 0 without CAP_SYS_ADMIN: compare if we can */
-		if (PM_PFN(mine[i]) && PM_PFN(mine[i]) != PM_PFN(theirs[i]))
+		if (!PM_PFN(mine[i]) || !PM_PFN(theirs[i]))
+			*same = false;
+		else if (PM_PFN(mine[i]) != PM_PFN(theirs[i]))
 			return false;
 	}
 	return true;
@@ -290,11 +302,11 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 
 /*
  * Map pool pages [pgoff, pgoff + n) over the hole at addr.  Their content
- * was compared with the saved pages through the agent's view of the same
- * pool file before (page_equal), and the pool is not written while
- * leased, so the program can only ever read the saved bytes here.  Then
- * the new mapping is checked: present, file-backed, on the pool's own
- * frames (pagemap), and equal to the saved copy.
+ * was compared byte for byte with the moved-out pages before (compare),
+ * and the pool is not written while leased, so the program can only ever
+ * read the saved bytes here.  Then the new mapping is checked: present,
+ * file-backed and on the pool's own frames (pagemap); where PFNs cannot
+ * be read (no CAP_SYS_ADMIN), byte for byte against the pool.
  *   0        merged
  *   -EIO     mapped but not merged (a check failed; or a thread of the
  *            program wrote a page at once): the pages were made private,
@@ -302,10 +314,11 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
  *   other    nothing mapped; the hole is there for move_back
  */
 static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
-		   size_t n, const uint8_t *saved)
+		   size_t n)
 {
 	size_t len = n * SP_PAGE;
 	const uint8_t *pool = a->pool + pgoff * SP_PAGE;
+	bool same;
 	void *r;
 
 	if (!budget_allows(a, 2)) {
@@ -327,8 +340,8 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 	a->figs.mappings += 2;
 	reapply_flags(a, addr, len);
 	if (sys_madvise((void *)addr, len, MADV_POPULATE_READ) < 0 ||
-	    fault("verify") || !pool_pfns_match(a, addr, pool, n) ||
-	    memcmp((void *)addr, saved, len) != 0) {
+	    fault("verify") || !pool_pfns_match(a, addr, pool, n, &same) ||
+	    (!same && memcmp((void *)addr, pool, len) != 0)) {
 		log_debug("check after mapping failed at %#lx",
 			  (unsigned long)addr);
 		break_cow(a, addr, n);
@@ -344,13 +357,84 @@ static void set_bits(struct sp_item_result *res, size_t i, size_t n)
 }
 
 static bool page_equal(struct sp_agent *a, const struct sp_item *it,
-		       size_t i)
+		       size_t i, const uint8_t *mine, const uint8_t *pool)
 {
-	const uint8_t *p = a->slot + i * SP_PAGE;
-
 	if (it->kind == SP_ITEM_ZERO)
-		return sp_page_is_zero(p);
-	return memcmp(p, a->pool + (it->pgoff + i) * SP_PAGE, SP_PAGE) == 0;
+		return sp_page_is_zero(mine);
+	return memcmp(mine, pool ? pool : a->pool + (it->pgoff + i) * SP_PAGE,
+		      SP_PAGE) == 0;
+}
+
+/*
+ * Read the moved pages [c, c + m) of the item (those with in[] set) into
+ * dst by process_vm_readv on ourselves.  On this machine kind the first
+ * touch of a page just moved into scratch, or of a pool page, costs about
+ * 5 us; a kernel copy costs about 1.5 us a page in runs (measured).
+ * Pages not moved are not read: scratch is registered with userfaultfd
+ * and a read of a hole there would wait for ourselves.
+ */
+static bool read_moved(struct sp_agent *a, const uint8_t *in, size_t c,
+		       size_t m, uint8_t *dst)
+{
+	struct iovec lio[SP_CMP_PAGES], rio[SP_CMP_PAGES];
+	size_t nv = 0, want = 0, k, e;
+	ssize_t got;
+
+	for (k = 0; k < m; k = e) {
+		for (; k < m && !in[c + k]; k++)
+			;
+		for (e = k; e < m && in[c + e]; e++)
+			;
+		if (e == k)
+			break;
+		lio[nv].iov_base = dst + k * SP_PAGE;
+		rio[nv].iov_base = a->slot + (c + k) * SP_PAGE;
+		lio[nv].iov_len = rio[nv].iov_len = (e - k) * SP_PAGE;
+		want += (e - k) * SP_PAGE;
+		nv++;
+	}
+	if (!nv)
+		return true;
+	got = process_vm_readv(getpid(), lio, nv, rio, nv, 0);
+	if (got < 0 && (errno == EPERM || errno == ENOSYS)) {
+		a->no_vm_read = 1;	/* seccomp, say: compare in place */
+		return false;
+	}
+	return got == (ssize_t)want;
+}
+
+/* eq[i]: page i was moved out and equals its pool page (or zero). */
+static void compare(struct sp_agent *a, const struct sp_item *it,
+		    const uint8_t *in, uint8_t *eq)
+{
+	uint8_t *mine = a->cmpbuf, *pool = a->cmpbuf + SP_CMP_PAGES * SP_PAGE;
+	size_t n = it->npages, c, k;
+
+	for (c = 0; c < n; c += SP_CMP_PAGES) {
+		size_t m = n - c < SP_CMP_PAGES ? n - c : SP_CMP_PAGES;
+		bool copied = !a->no_vm_read && !fault("inplace") &&
+			      read_moved(a, in, c, m, mine);
+
+		if (copied && it->kind == SP_ITEM_POOL &&
+		    pread(a->poolfd, pool, m * SP_PAGE,
+			  (off_t)((it->pgoff + c) * SP_PAGE)) !=
+			    (ssize_t)(m * SP_PAGE))
+			copied = false;
+		for (k = 0; k < m; k++) {
+			size_t i = c + k;
+
+			if (!in[i])
+				eq[i] = 0;
+			else if (copied)
+				eq[i] = page_equal(a, it, i,
+						   mine + k * SP_PAGE,
+						   pool + k * SP_PAGE);
+			else	/* in place: slower, as good */
+				eq[i] = page_equal(a, it, i,
+						   a->slot + i * SP_PAGE,
+						   NULL);
+		}
+	}
 }
 
 /* Move back every page of [i, j) that is in scratch, a run at a time. */
@@ -388,7 +472,7 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 		a->zero_pages += n;
 		return 1;
 	}
-	r = map_run(a, at, it->pgoff + i, n, a->slot + i * SP_PAGE);
+	r = map_run(a, at, it->pgoff + i, n);
 	if (r < 0 && r != -EIO)
 		return 0;
 	/* Either way the range is a mapping of its own now. */
@@ -435,11 +519,10 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	r = move_out(a, it->addr, n, in, res);
 	if (fault("delay"))
 		usleep(200000);	/* widen the window for tests */
-	for (i = 0; i < n; i++) {
-		eq[i] = in[i] && page_equal(a, it, i);
+	compare(a, it, in, eq);
+	for (i = 0; i < n; i++)
 		if (in[i] && !eq[i])
 			a->figs.changed_skipped++;
-	}
 	for (i = 0; i < n; i = j) {
 		for (j = i + 1; j < n && eq[j] == eq[i]; j++)
 			;

@@ -113,6 +113,8 @@ int uffd_copy(int uffd, uintptr_t dst, uintptr_t src, size_t len);
  * batch ends or the area is full, then go in one MADV_DONTNEED (one TLB
  * flush, not one per item). */
 #define SP_SCRATCH_PAGES (4 * SP_ITEM_PAGES)
+/* Pages compared at a time, through copies made by the kernel. */
+#define SP_CMP_PAGES 64
 
 struct sp_agent {
 	pthread_mutex_t lock;	/* serialises merges with the program's
@@ -131,6 +133,8 @@ struct sp_agent {
 	uint8_t *scratch;	/* SP_SCRATCH_PAGES pages, registered */
 	uint8_t *slot;		/* the current item's part of scratch */
 	size_t scratch_used;	/* pages of scratch holding old pages */
+	uint8_t *cmpbuf;	/* 2 * SP_CMP_PAGES pages: moved, pool */
+	int no_vm_read;		/* process_vm_readv refused: compare in place */
 	pthread_t thread;
 	int thread_started;
 	struct sp_regions regions;

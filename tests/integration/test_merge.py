@@ -17,10 +17,10 @@ def pool_vmas(pid):
         return sum(1 for line in f if "samepage-pool" in line) - 1
 
 
-def test_two_processes_share():
+def test_two_processes_share(env=None):
     """4000 duplicate, 1000 zero and 1000 unique pages per process."""
     with Env() as e:
-        a, b = e.proc(), e.proc()
+        a, b = e.proc(env=env), e.proc(env=env)
         for p, own in ((a, 2), (b, 3)):
             p.map(6000)
             p.ok("fill 1 0 4000")
@@ -137,6 +137,12 @@ def test_zero_pages_kernel_semantics():
         check(st["pages_shared"] == 1, f"pages_shared {st['pages_shared']}")
         check(len(set(a.pfns() + b.pfns())) == 1, "not on one frame")
         a.ok("check 0 0 1000")
+
+
+def test_compare_in_place():
+    """The agent compares pages through kernel copies (process_vm_readv);
+    where that is refused (seccomp) it compares in place.  Same result."""
+    test_two_processes_share(env={"SAMEPAGE_FAULT": "inplace"})
 
 
 def test_runs_map_as_one():
@@ -285,6 +291,7 @@ def test_refuses_what_ksm_refuses():
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_two_processes_share,
+        test_compare_in_place,
         test_meminfo_drops,
         test_copy_on_write,
         test_zero_pages_kernel_semantics,
