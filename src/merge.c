@@ -455,6 +455,35 @@ static void restore(struct sp_agent *a, uintptr_t addr, const uint8_t *in,
 }
 
 /*
+ * Mark the regions under [s, e) RG_MERGED ("pool pages may be mapped
+ * here"), each whole.  A mark per run would split the region table at
+ * every merge, and each split moves the rest of the table: with pages
+ * merged one by one (scattered duplicates), that was a memmove of up to
+ * a megabyte per merge.  Whole marks are conservative: DONTNEED and
+ * mremap treat the whole region as possibly merged.  Marked before the
+ * mapping is made: DONTNEED must never miss a pool mapping (it would
+ * read the pool page back instead of zeros).
+ */
+static int mark_merged(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	size_t i = rg_first(&a->regions, s);
+
+	while (i < a->regions.n && a->regions.v[i].start < e) {
+		struct sp_region *r = &a->regions.v[i];
+
+		if (r->flags & RG_MERGED) {
+			i++;
+			continue;
+		}
+		if (rg_update(&a->regions, r->start, r->end, RG_MERGED, 0,
+			      -1) < 0)
+			return -ENOMEM;
+		i = rg_first(&a->regions, s);	/* the table may have moved */
+	}
+	return 0;
+}
+
+/*
  * Merge the equal sub-run [i, j).  1: merged; 0: nothing changed, the
  * pages must be moved back; -1: mapped but left private (see map_run),
  * the saved pages are dropped.
@@ -472,11 +501,11 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 		a->zero_pages += n;
 		return 1;
 	}
+	if (mark_merged(a, at, at + n * SP_PAGE) < 0)
+		return 0;
 	r = map_run(a, at, it->pgoff + i, n);
 	if (r < 0 && r != -EIO)
 		return 0;
-	/* Either way the range is a mapping of its own now. */
-	rg_update(&a->regions, at, at + n * SP_PAGE, RG_MERGED, 0, -1);
 	if (r == -EIO) {
 		/* private pages in a file mapping: MOVE refuses them */
 		for (; i < j; i++)
