@@ -407,6 +407,11 @@ static void on_signal(int sig)
 	quit = 1;
 }
 
+/* The last scan tick found every agent busy: wait for an answer. */
+static bool stalled;
+/* Longest wait for an answer before scanning again anyway. */
+static const int stalled_wait_ms = 50;
+
 static int poll_once(void)
 {
 	static struct pollfd pfd[MAX_CLIENTS + 1];
@@ -424,6 +429,8 @@ static int poll_once(void)
 		last_agent_ms = sp_now_ms();
 	if (scanning && agents)
 		timeout = (int)D.sleep_millisecs;
+	if (scanning && agents && stalled && timeout < stalled_wait_ms)
+		timeout = stalled_wait_ms;	/* a MERGE_DONE wakes us */
 	if (poll(pfd, (nfds_t)n, timeout) < 0)
 		return errno == EINTR ? 0 : -1;
 	if (pfd[0].revents)
@@ -451,7 +458,7 @@ static void main_loop(void)
 			break;
 		}
 		if (D.run == 1 && now >= next_scan) {
-			scan_tick(&D);
+			stalled = scan_tick(&D);
 			next_scan = now + D.sleep_millisecs;
 		}
 		if (D.unmerge_waiter >= 0 && now > D.unmerge_deadline)

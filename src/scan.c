@@ -25,9 +25,12 @@
 
 #define CHUNK 512
 /* Batches a client may leave unanswered before planning for it pauses. */
-static const uint32_t max_inflight = 4;
+static const uint32_t max_inflight = 16;
 /* Pages visited per wake-up, present or not, per page of the budget. */
 static const uint64_t visit_factor = 16;
+/* A client busy this long is passed over, so one stuck agent cannot
+ * hold up the others. */
+static const uint64_t busy_skip_ms = 1000;
 /* Least time between two garbage collections of the pool. */
 static const uint64_t gc_interval_ms = 1000;
 
@@ -170,9 +173,15 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	ut_put(&d->ut, h, c->id, addr);
 }
 
-/* Scan pages [first, first + n) of r; returns pages read. */
+/*
+ * Scan pages [first, first + n) of r; returns pages read.  *done: pages
+ * of the n dealt with.  It stops short at a page that comes when the
+ * client has max_inflight batches out: that page is scanned again, from
+ * where the scan stopped, once the agent has answered.
+ */
 static uint64_t scan_chunk(struct daemon *d, struct client *c,
-			  struct drange *r, uint64_t first, uint64_t n)
+			  struct drange *r, uint64_t first, uint64_t n,
+			  uint64_t *done)
 {
 	static uint64_t pm[CHUNK];
 	static uint32_t idx[CHUNK];
@@ -181,6 +190,7 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 	uint64_t base = r->start + first * SP_PAGE, nc = 0;
 	ssize_t got;
 
+	*done = n;
 	if (sp_pagemap_read(c->pagemap, base, n, pm) < 0)
 		return 0;
 	for (uint64_t i = 0; i < n; i++) {
@@ -199,9 +209,15 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 	if (got <= 0)
 		return 0;
 	nc = (uint64_t)got / SP_PAGE;
-	for (uint64_t k = 0; k < nc; k++)
+	for (uint64_t k = 0; k < nc; k++) {
+		if (c->ninflight >= max_inflight) {
+			*done = idx[k];
+			nc = k;
+			break;
+		}
 		handle_page(d, c, base + idx[k] * SP_PAGE, &r->st[first + idx[k]],
 			    d->buf + k * SP_PAGE);
+	}
 	d->pages_scanned += nc;
 	return nc;
 }
@@ -234,29 +250,70 @@ static struct client *next_client(struct daemon *d, int from)
 	return best;
 }
 
-void scan_tick(struct daemon *d)
+/* Clients whose agents can take another batch. */
+static int ready_clients(struct daemon *d)
+{
+	int n = 0;
+
+	for (struct client *c = d->clients; c; c = c->next)
+		n += c->agent && c->nr && c->ninflight < max_inflight;
+	return n;
+}
+
+/*
+ * Scan up to pages_to_scan pages.  When the client under the cursor has
+ * max_inflight batches unanswered, the tick stops where it is and returns
+ * true (stalled): the caller waits for a MERGE_DONE instead of scanning
+ * on.  Hashing pages that cannot be sent is wasted, and at full speed the
+ * scanner would lap the agents, planning a few batches per pass.  Passing
+ * the client over instead would end passes early, and each pass end
+ * clears the unstable index: pairs would be lost.  Only a client busy for
+ * busy_skip_ms is passed over.
+ */
+bool scan_tick(struct daemon *d)
 {
 	uint64_t budget = d->pages_to_scan;
 	uint64_t visits = budget * visit_factor;
 	int wraps = 0;
+	bool stalled = false;
 
 	while (budget && visits) {
 		struct client *c = next_client(d, d->cur_client);
 		struct drange *r;
-		uint64_t first, n, got;
+		uint64_t first, n, got, done;
 		size_t i;
 
 		if (!c) {
 			if (wraps++)
 				break;
 			end_pass(d);
-			d->cur_client = 0;
+			d->cur_client = -1;
 			d->cur_addr = 0;
 			continue;
 		}
+		if (c->ninflight >= max_inflight) {
+			uint64_t now = sp_now_ms();
+
+			if (!c->busy_since)
+				c->busy_since = now;
+			if (now - c->busy_since < busy_skip_ms ||
+			    !ready_clients(d)) {
+				stalled = true;	/* wait for its answer */
+				break;
+			}
+			/* Stuck (a stopped program, say): on to the next,
+			 * and back here where it stopped next time round. */
+			if (c->id == d->cur_client)
+				c->resume = d->cur_addr;
+			d->cur_client = c->id + 1;
+			d->cur_addr = 0;
+			continue;
+		}
+		c->busy_since = 0;
 		if (c->id != d->cur_client) {
 			d->cur_client = c->id;
-			d->cur_addr = 0;
+			d->cur_addr = c->resume;
+			c->resume = 0;
 		}
 		i = client_range_first(c, d->cur_addr);
 		if (i >= c->nr) {
@@ -270,11 +327,12 @@ void scan_tick(struct daemon *d)
 		n = r->npages - first;
 		n = n < CHUNK ? n : CHUNK;
 		n = n < visits ? n : visits;
-		got = scan_chunk(d, c, r, first, n);
+		got = scan_chunk(d, c, r, first, n, &done);
 		budget -= got < budget ? got : budget;
-		visits -= n;
-		d->cur_addr = r->start + (first + n) * SP_PAGE;
+		visits -= done;
+		d->cur_addr = r->start + (first + done) * SP_PAGE;
 	}
 	for (struct client *c = d->clients; c; c = c->next)
 		scan_flush(d, c);
+	return stalled;
 }

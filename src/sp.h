@@ -203,6 +203,8 @@ struct client {
 	struct sp_figs figs;
 	struct sp_item pend[SP_BATCH_ITEMS];
 	uint32_t npend, next_batch, ninflight;
+	uint64_t resume;	/* where the scan left it when it was busy */
+	uint64_t busy_since;	/* ms: first found with no batch free */
 	struct batch *inflight;
 	bool unmerge_pending;
 	struct client *next;
@@ -271,7 +273,7 @@ void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr);
 void ut_del(struct unstable *u, struct ut_entry *e);
 void ut_clear(struct unstable *u);
 
-void scan_tick(struct daemon *d);
+bool scan_tick(struct daemon *d);
 void scan_flush(struct daemon *d, struct client *c);
 struct client *client_by_id(struct daemon *d, int id);
 struct pstate *client_page(struct client *c, uint64_t addr);

@@ -234,6 +234,32 @@ def test_verify_failures_restore_pages():
                 check(shared(*ps) == 0, f"merged despite failing {what}")
 
 
+def test_stopped_client_does_not_hold_up_others():
+    """A stopped program answers no merge requests.  The scanner waits for
+    a busy client, but not for ever: the others still merge, and the
+    stopped one's memory is intact when it runs again."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(6000)
+            p.ok("fill 1 0 6000")
+        for pg in range(1, 6000, 2):     # duplicates at single pages only
+            b.ok(f"write {pg} 7")
+        a.ok("merge")
+        b.ok("merge")
+        a.p.send_signal(signal.SIGSTOP)
+        try:
+            c, d = twins(e, 2000, seed=5)
+            ok = wait_for(lambda: shared(c, d) == 2000, 30)
+            check(ok, f"others merged {shared(c, d)} of 2000 pages while "
+                      "one program was stopped")
+        finally:
+            a.p.send_signal(signal.SIGCONT)
+        a.ok("check 1 0 6000")
+        for pg in range(0, 6000, 2):
+            b.ok(f"check 1 {pg} 1")
+
+
 def test_client_death_releases():
     with Env() as e:
         a, b = twins(e, 2000)
@@ -295,6 +321,7 @@ if __name__ == "__main__":
         test_raw_munmap_during_merge,
         test_kill_daemon_mid_merge,
         test_verify_failures_restore_pages,
+        test_stopped_client_does_not_hold_up_others,
         test_client_death_releases,
         test_map_budget,
     ]))
