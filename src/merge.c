@@ -327,10 +327,15 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 	}
 	if (!mapped(addr, len))		/* do not map over a hole it left */
 		return -ENOENT;
+	/* The raw system call, not the next mmap: for the program these
+	 * bytes do not change, and a sanitizer's interceptor would take the
+	 * new mapping for a write by the agent thread (TSan reports every
+	 * later read by the program as a race). */
 	r = fault("map") ? MAP_FAILED
-			 : sys_mmap((void *)addr, len, PROT_READ | PROT_WRITE,
-				    MAP_PRIVATE | MAP_FIXED, a->poolfd,
-				    (off_t)(pgoff * SP_PAGE));
+			 : (void *)syscall(SYS_mmap, addr, len,
+					   PROT_READ | PROT_WRITE,
+					   MAP_PRIVATE | MAP_FIXED, a->poolfd,
+					   (off_t)(pgoff * SP_PAGE));
 	if (r == MAP_FAILED) {
 		int err = fault("map") ? -ENOMEM : -errno;
 
