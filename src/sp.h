@@ -221,6 +221,7 @@ struct pool {
 	uint8_t *base;
 	uint64_t bytes;
 	uint32_t nslots, cap, bump, hint;
+	uint32_t populated;	/* slots below this were allocated ahead */
 	struct slot *s;
 	uint32_t *freelist, nfree;
 	uint32_t *buckets, nbuckets;
