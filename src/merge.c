@@ -400,7 +400,7 @@ static bool read_moved(struct sp_agent *a, const uint8_t *in, size_t c,
 	}
 	if (!nv)
 		return true;
-	got = process_vm_readv(getpid(), lio, nv, rio, nv, 0);
+	got = process_vm_readv(a->pid, lio, nv, rio, nv, 0);
 	if (got < 0 && (errno == EPERM || errno == ENOSYS)) {
 		a->no_vm_read = 1;	/* seccomp, say: compare in place */
 		return false;
