@@ -235,6 +235,24 @@ static bool pool_pfns_match(struct sp_agent *a, uintptr_t addr,
 	return true;
 }
 
+/*
+ * The protection the program gave [s, s + len), if one covers it all and
+ * the pool can be mapped with it: readable, not executable.  -1 else.
+ */
+static int run_prot(const struct sp_agent *a, uintptr_t s, size_t len)
+{
+	size_t i = rg_first(&a->regions, s);
+	int prot = -1;
+
+	for (; i < a->regions.n && a->regions.v[i].start < s + len; i++) {
+		if (prot >= 0 && a->regions.v[i].prot != prot)
+			return -1;
+		prot = a->regions.v[i].prot;
+	}
+	return prot == PROT_READ || prot == (PROT_READ | PROT_WRITE) ? prot
+								   : -1;
+}
+
 static void reapply_flags(struct sp_agent *a, uintptr_t s, size_t len)
 {
 	size_t i = rg_first(&a->regions, s);
@@ -284,13 +302,14 @@ static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
  * the hole again (anonymous, registered) or stop: the saved pages would
  * have nowhere to go.
  */
-static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
+static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len,
+		      int prot)
 {
 	void *p;
 
 	if (mapped(addr, len))
 		return;
-	p = sys_mmap((void *)addr, len, PROT_READ | PROT_WRITE,
+	p = sys_mmap((void *)addr, len, prot,
 		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
 	if (p != (void *)addr || uffd_register(a->uffd, addr, len) < 0) {
 		log_warn("cannot restore the range at %#lx",
@@ -314,7 +333,7 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
  *   other    nothing mapped; the hole is there for move_back
  */
 static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
-		   size_t n)
+		   size_t n, int prot)
 {
 	size_t len = n * SP_PAGE;
 	const uint8_t *pool = a->pool + pgoff * SP_PAGE;
@@ -332,14 +351,13 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 	 * new mapping for a write by the agent thread (TSan reports every
 	 * later read by the program as a race). */
 	r = fault("map") ? MAP_FAILED
-			 : (void *)syscall(SYS_mmap, addr, len,
-					   PROT_READ | PROT_WRITE,
+			 : (void *)syscall(SYS_mmap, addr, len, prot,
 					   MAP_PRIVATE | MAP_FIXED, a->poolfd,
 					   (off_t)(pgoff * SP_PAGE));
 	if (r == MAP_FAILED) {
 		int err = fault("map") ? -ENOMEM : -errno;
 
-		keep_hole(a, addr, len);
+		keep_hole(a, addr, len, prot);
 		return err;
 	}
 	a->figs.mappings += 2;
@@ -498,7 +516,7 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 {
 	uintptr_t at = it->addr + i * SP_PAGE;
 	size_t n = j - i;
-	int r;
+	int r, prot;
 
 	if (it->kind == SP_ITEM_ZERO) {
 		if (uffd_zeropage(a->uffd, at, n * SP_PAGE) < 0)
@@ -506,9 +524,11 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 		a->zero_pages += n;
 		return 1;
 	}
-	if (mark_merged(a, at, at + n * SP_PAGE) < 0)
+	/* the program's protection, kept: a read-only page stays so */
+	prot = run_prot(a, at, n * SP_PAGE);
+	if (prot < 0 || mark_merged(a, at, at + n * SP_PAGE) < 0)
 		return 0;
-	r = map_run(a, at, it->pgoff + i, n);
+	r = map_run(a, at, it->pgoff + i, n, prot);
 	if (r < 0 && r != -EIO)
 		return 0;
 	if (r == -EIO) {

@@ -14,6 +14,7 @@
  *   write P BYTE          one byte at the start of page P
  *   dontneed FIRST N      madvise(MADV_DONTNEED)
  *   dontdump FIRST N      madvise(MADV_DONTDUMP): splits the VMA
+ *   mprotect FIRST N PROT mprotect(2), PROT as a number (1: read-only)
  *   guard                 map a page right after the region, so that
  *                         growing it in place is impossible
  *   munmap FIRST N        unmap part of the region
@@ -356,6 +357,9 @@ int main(void)
 			printf("ok\n");
 		} else if (sscanf(line, "dontneed %lu %lu", &x, &y) == 2) {
 			reply(madvise(region + x * PG, y * PG, MADV_DONTNEED));
+		} else if (sscanf(line, "mprotect %lu %lu %lu", &x, &y, &z) ==
+			   3) {
+			reply(mprotect(region + x * PG, y * PG, (int)z));
 		} else if (sscanf(line, "dontdump %lu %lu", &x, &y) == 2) {
 			reply(madvise(region + x * PG, y * PG, MADV_DONTDUMP));
 		} else if (!strncmp(line, "guard", 5)) {

@@ -288,6 +288,37 @@ def test_refuses_what_ksm_refuses():
         a.ok("check 1 0 1000")
 
 
+def region_perms(p, n):
+    """The permission strings of the mappings over p's region."""
+    lo, hi = p.addr, p.addr + n * PAGE
+    perms = set()
+    with open(f"/proc/{p.pid}/maps") as f:
+        for line in f:
+            s, t = (int(x, 16) for x in line.split()[0].split("-"))
+            if s < hi and t > lo:
+                perms.add(line.split()[1])
+    return perms
+
+
+def test_protection_kept():
+    """A range made read-only after it opted in stays read-only.  It is
+    not merged (UFFDIO_MOVE wants the same protection on both sides, and
+    the scratch area is read-write): samepage merges less rather than map
+    the pool read-write over it."""
+    with Env() as e:
+        a, b = twins(e, 2000)
+        for p in (a, b):
+            p.ok("mprotect 0 1000 1")       # PROT_READ
+        converge(e.d, "pages_sharing", 1000)
+        time.sleep(1)
+        check(shared(a, b, 1000, 1000) == 1000, "read-write half not shared")
+        check(shared(a, b, 0, 1000) == 0, "read-only half shared")
+        for p in (a, b):
+            ro = region_perms(p, 1000)
+            check(ro == {"r--p"}, f"read-only half mapped {ro}")
+            p.ok("check 1 0 2000")
+
+
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_two_processes_share,
@@ -302,4 +333,5 @@ if __name__ == "__main__":
         test_runs_across_vma_boundaries,
         test_malloc_memory_merges,
         test_refuses_what_ksm_refuses,
+        test_protection_kept,
     ]))
