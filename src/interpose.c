@@ -452,7 +452,18 @@ SAMEPAGE_API int samepage_get_merge_any(void)
  * time".  Where pool pages are mapped the range is a private file
  * mapping, where DONTNEED would show the pool page again: give those
  * parts a fresh anonymous mapping instead.
+ *
+ * Regions are marked RG_MERGED whole (merge.c), so a marked part may be
+ * plain anonymous memory still, and a fresh mapping would lose what the
+ * program set on it (MADV_HUGEPAGE, mlock, its own userfaultfd).
+ * MADV_FREE tells them apart: the kernel takes it only on anonymous
+ * VMAs, and it is a discard the program asked for anyway.
  */
+static bool all_anonymous(uintptr_t lo, uintptr_t hi)
+{
+	return sys_madvise((void *)lo, hi - lo, MADV_FREE) == 0;
+}
+
 static int discard(struct sp_agent *a, uintptr_t s, uintptr_t e, int adv)
 {
 	size_t i = rg_first(&a->regions, s);
@@ -464,7 +475,7 @@ static int discard(struct sp_agent *a, uintptr_t s, uintptr_t e, int adv)
 		uintptr_t lo = reg.start > s ? reg.start : s;
 		uintptr_t hi = reg.end < e ? reg.end : e;
 
-		if (!(reg.flags & RG_MERGED))
+		if (!(reg.flags & RG_MERGED) || all_anonymous(lo, hi))
 			continue;
 		if (lo > at && sys_madvise((void *)at, lo - at, adv) < 0)
 			r = -errno;

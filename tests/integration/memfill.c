@@ -15,6 +15,8 @@
  *   dontneed FIRST N      madvise(MADV_DONTNEED)
  *   dontdump FIRST N      madvise(MADV_DONTDUMP): splits the VMA
  *   mprotect FIRST N PROT mprotect(2), PROT as a number (1: read-only)
+ *   hugepage FIRST N      madvise(MADV_HUGEPAGE), a flag samepage does
+ *                         not track
  *   guard                 map a page right after the region, so that
  *                         growing it in place is impossible
  *   munmap FIRST N        unmap part of the region
@@ -360,6 +362,8 @@ int main(void)
 		} else if (sscanf(line, "mprotect %lu %lu %lu", &x, &y, &z) ==
 			   3) {
 			reply(mprotect(region + x * PG, y * PG, (int)z));
+		} else if (sscanf(line, "hugepage %lu %lu", &x, &y) == 2) {
+			reply(madvise(region + x * PG, y * PG, MADV_HUGEPAGE));
 		} else if (sscanf(line, "dontdump %lu %lu", &x, &y) == 2) {
 			reply(madvise(region + x * PG, y * PG, MADV_DONTDUMP));
 		} else if (!strncmp(line, "guard", 5)) {

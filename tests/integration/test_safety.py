@@ -260,6 +260,49 @@ def test_stopped_client_does_not_hold_up_others():
             b.ok(f"check 1 {pg} 1")
 
 
+def vmflags_at(pid, addr):
+    """The VmFlags of the mapping holding addr, from smaps."""
+    with open(f"/proc/{pid}/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                s, t = (int(x, 16) for x in head.split("-"))
+                inside = s <= addr < t
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+def test_dontneed_keeps_unmerged_mappings():
+    """DONTNEED on the part of a region that holds no pool pages is the
+    kernel's own: zeros, and the mapping keeps what the program set on it
+    (here MADV_HUGEPAGE).  On merged pages it gives zeros too."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        a.map(4000)
+        a.ok("fill 1 0 2000")
+        a.ok("fill 3 2000 2000")
+        a.ok("hugepage 2000 2000")
+        b.map(2000)
+        b.ok("fill 1 0 2000")
+        for p in (a, b):
+            p.ok("merge")
+        converge(e.d, "pages_sharing", 2000)
+        check("hg" in vmflags_at(a.pid, a.addr + 3000 * PAGE),
+              "MADV_HUGEPAGE not set to begin with")
+        a.ok("dontneed 3000 10")
+        a.ok("dontneed 0 10")
+        check("hg" in vmflags_at(a.pid, a.addr + 3000 * PAGE),
+              "DONTNEED on unmerged memory dropped MADV_HUGEPAGE")
+        a.ok("check 0 3000 10")
+        a.ok("check 0 0 10")
+        a.ok("check 1 10 1990")
+        a.ok("check 3 2000 1000")
+        a.ok("check 3 3010 990")
+        b.ok("check 1 0 2000")
+
+
 def test_client_death_releases():
     with Env() as e:
         a, b = twins(e, 2000)
@@ -322,6 +365,7 @@ if __name__ == "__main__":
         test_kill_daemon_mid_merge,
         test_verify_failures_restore_pages,
         test_stopped_client_does_not_hold_up_others,
+        test_dontneed_keeps_unmerged_mappings,
         test_client_death_releases,
         test_map_budget,
     ]))
