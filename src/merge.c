@@ -75,10 +75,12 @@ static bool mapped(uintptr_t addr, size_t len)
 	return msync((void *)addr, len, MS_ASYNC) == 0 || errno != ENOMEM;
 }
 
-/* Count the lines of /proc/self/maps: the kernel's own map count. */
+/* Count the lines of /proc/self/maps: the kernel's own map count.
+ * Called under the agent lock, also on a program's thread (fork), whose
+ * stack may be small: the buffer is static. */
 void agent_recount_maps(struct sp_agent *a)
 {
-	char buf[65536];
+	static char buf[65536];
 	uint64_t n = 0;
 	ssize_t got;
 	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
@@ -379,15 +381,6 @@ static void set_bits(struct sp_item_result *res, size_t i, size_t n)
 		res->merged[i / 64] |= 1ULL << (i % 64);
 }
 
-static bool page_equal(struct sp_agent *a, const struct sp_item *it,
-		       size_t i, const uint8_t *mine, const uint8_t *pool)
-{
-	if (it->kind == SP_ITEM_ZERO)
-		return sp_page_is_zero(mine);
-	return memcmp(mine, pool ? pool : a->pool + (it->pgoff + i) * SP_PAGE,
-		      SP_PAGE) == 0;
-}
-
 /*
  * Read the moved pages [c, c + m) of the item (those with in[] set) into
  * dst by process_vm_readv on ourselves.  On this machine kind the first
@@ -445,17 +438,15 @@ static void compare(struct sp_agent *a, const struct sp_item *it,
 			copied = false;
 		for (k = 0; k < m; k++) {
 			size_t i = c + k;
+			/* in place where the copies failed: slower, as good */
+			const uint8_t *pm = copied ? mine + k * SP_PAGE
+						   : a->slot + i * SP_PAGE;
+			const uint8_t *pp = copied ? pool + k * SP_PAGE
+				: a->pool + (it->pgoff + i) * SP_PAGE;
 
-			if (!in[i])
-				eq[i] = 0;
-			else if (copied)
-				eq[i] = page_equal(a, it, i,
-						   mine + k * SP_PAGE,
-						   pool + k * SP_PAGE);
-			else	/* in place: slower, as good */
-				eq[i] = page_equal(a, it, i,
-						   a->slot + i * SP_PAGE,
-						   NULL);
+			eq[i] = in[i] && (it->kind == SP_ITEM_ZERO
+						  ? sp_page_is_zero(pm)
+						  : memcmp(pm, pp, SP_PAGE) == 0);
 		}
 	}
 }
