@@ -26,7 +26,7 @@
 
 struct sp_agent sp_agent = {
 	.lock = PTHREAD_MUTEX_INITIALIZER,
-	.sock = -1, .uffd = -1, .poolfd = -1, .pagemap = -1,
+	.sock = -1, .uffd = -1, .poolfd = -1, .pagemap = -1, .mapsfd = -1,
 	.wakefd = { -1, -1 },
 	.any_min = 0,
 };
@@ -109,7 +109,7 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 	memset(&out, 0, sizeof(out));
 	pthread_mutex_lock(&a->lock);
 	for (i = 0; i < m->merge->nitems; i++)
-		if (agent_merge_item(a, &m->items[i], &out.r[i]) == -EINVAL &&
+		if (agent_merge_item(a, &m->items[i], &out.r[i]) == -ERANGE &&
 		    !a->warned_pool) {
 			a->warned_pool = 1;
 			log_warnx("daemon sent an item outside the pool "
@@ -248,7 +248,7 @@ static int map_pool_and_scratch(struct sp_agent *a)
 	}
 	sys_madvise(a->scratch, slen, MADV_DONTNEED);
 	a->scratch_used = 0;
-	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen);
+	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen, false);
 }
 
 static void register_all(struct sp_agent *a)
@@ -292,6 +292,7 @@ static int agent_start(struct sp_agent *a)
 	if (r < 0)
 		return r;
 	a->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	a->mapsfd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 	a->sock = sp_connect(a->sockpath);
 	if (a->sock < 0) {
 		r = a->sock;
@@ -353,6 +354,7 @@ static void atfork_child(void)
 	close_fd(&a->sock);
 	close_fd(&a->uffd);
 	close_fd(&a->pagemap);
+	close_fd(&a->mapsfd);
 	close_fd(&a->wakefd[0]);
 	close_fd(&a->wakefd[1]);
 	if (was_active && !getenv("SAMEPAGE_NO_FORK_RESTART"))

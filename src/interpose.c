@@ -34,9 +34,11 @@
 
 #define PAGE_UP(x) (((x) + SP_PAGE - 1) & ~(SP_PAGE - 1))
 
+/* What the pool can be mapped as: read-write, or read-only (merge.c,
+ * ro_open).  KSM takes any protection. */
 static bool mergeable_prot(int prot)
 {
-	return prot == (PROT_READ | PROT_WRITE);
+	return prot == (PROT_READ | PROT_WRITE) || prot == PROT_READ;
 }
 
 /* Forget [s, e): the daemon stops scanning whatever was mergeable. */

@@ -164,12 +164,31 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 }
 
 /*
+ * The protection the program gave [s, s + len), if one covers it all and
+ * the pool can be mapped with it: readable, not executable.  -1 else.
+ */
+static int run_prot(const struct sp_agent *a, uintptr_t s, size_t len)
+{
+	size_t i = rg_first(&a->regions, s);
+	int prot = -1;
+
+	for (; i < a->regions.n && a->regions.v[i].start < s + len; i++) {
+		if (prot >= 0 && a->regions.v[i].prot != prot)
+			return -1;
+		prot = a->regions.v[i].prot;
+	}
+	return prot == PROT_READ || prot == (PROT_READ | PROT_WRITE) ? prot
+								   : -1;
+}
+
+/*
  * Move [addr, addr + n) out; in[i] says page i is now in scratch.
  * UFFDIO_MOVE answers EINVAL for a range that crosses a VMA boundary as
  * well as for a page in a file-backed VMA (a pool mapping whose
  * copy-on-write broke).  So after an EINVAL the rest goes a page at a
  * time, and only a single page refused with EINVAL is flagged immovable
- * in res.
+ * in res (unless it is read-only: then the item was not all read-only,
+ * see ro_open).
  */
 static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 		    uint8_t *in, struct sp_item_result *res)
@@ -198,9 +217,13 @@ static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 		}
 		if (r == -EBUSY)	/* pinned, or shared after fork */
 			a->figs.pinned_skipped++;
-		else if (r == -EINVAL)	/* not an anonymous VMA */
-			res->immovable[i / 64] |= 1ULL << (i % 64);
-		else if (r != -ENOENT && r != -EEXIST)
+		else if (r == -EINVAL) {	/* not an anonymous VMA */
+			/* (or a read-only page in an item not all read-only:
+			 * the daemon plans it again, in an item of its own) */
+			if (run_prot(a, addr + i * SP_PAGE, SP_PAGE) !=
+			    PROT_READ)
+				res->immovable[i / 64] |= 1ULL << (i % 64);
+		} else if (r != -ENOENT && r != -EEXIST)
 			return r;	/* whole-range refusal */
 		i++;
 	}
@@ -235,24 +258,6 @@ static bool pool_pfns_match(struct sp_agent *a, uintptr_t addr,
 			return false;
 	}
 	return true;
-}
-
-/*
- * The protection the program gave [s, s + len), if one covers it all and
- * the pool can be mapped with it: readable, not executable.  -1 else.
- */
-static int run_prot(const struct sp_agent *a, uintptr_t s, size_t len)
-{
-	size_t i = rg_first(&a->regions, s);
-	int prot = -1;
-
-	for (; i < a->regions.n && a->regions.v[i].start < s + len; i++) {
-		if (prot >= 0 && a->regions.v[i].prot != prot)
-			return -1;
-		prot = a->regions.v[i].prot;
-	}
-	return prot == PROT_READ || prot == (PROT_READ | PROT_WRITE) ? prot
-								   : -1;
 }
 
 static void reapply_flags(struct sp_agent *a, uintptr_t s, size_t len)
@@ -304,16 +309,18 @@ static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
  * the hole again (anonymous, registered) or stop: the saved pages would
  * have nowhere to go.
  */
-static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len,
-		      int prot)
+static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 {
 	void *p;
 
 	if (mapped(addr, len))
 		return;
-	p = sys_mmap((void *)addr, len, prot,
+	/* read-write: MOVE moves only out of writable mappings (a
+	 * read-only run is writable while it is merged, see ro_open) */
+	p = sys_mmap((void *)addr, len, PROT_READ | PROT_WRITE,
 		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-	if (p != (void *)addr || uffd_register(a->uffd, addr, len) < 0) {
+	if (p != (void *)addr ||
+	    uffd_register(a->uffd, addr, len, false) < 0) {
 		log_warn("cannot restore the range at %#lx",
 			 (unsigned long)addr);
 		SP_ASSERT(!"hole lost after a failed mmap");
@@ -359,7 +366,7 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 	if (r == MAP_FAILED) {
 		int err = fault("map") ? -ENOMEM : -errno;
 
-		keep_hole(a, addr, len, prot);
+		keep_hole(a, addr, len);
 		return err;
 	}
 	a->figs.mappings += 2;
@@ -532,6 +539,48 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 	return 1;
 }
 
+/*
+ * Read-only runs.  UFFDIO_MOVE moves only between writable mappings, so
+ * a read-only run is made writable while it is merged, and read-only
+ * again before anyone is woken.  The region table says the run is
+ * read-only, but it knows only what went through libc: first the kernel
+ * is asked (PROCMAP_QUERY, Linux 6.11) that the run lies in one private
+ * anonymous r-- mapping.  Then userfaultfd write-protects it, and only
+ * then is it made writable: a write the program tries meanwhile waits
+ * in the kernel and, once woken, faults on the read-only mapping as it
+ * would have without samepage.  Reads of pages in place go on.
+ */
+static bool ro_open(struct sp_agent *a, uintptr_t s, size_t len)
+{
+	struct sp_vma v;
+
+	if (a->mapsfd < 0 || sp_vma_query(a->mapsfd, s, &v) < 0 ||
+	    v.prot != PROT_READ || v.shared || v.file || v.start > s ||
+	    v.end < s + len)
+		return false;
+	if (uffd_register(a->uffd, s, len, true) < 0)
+		return false;
+	if (uffd_writeprotect(a->uffd, s, len) < 0 ||
+	    syscall(SYS_mprotect, s, len, PROT_READ | PROT_WRITE) < 0) {
+		uffd_unregister(a->uffd, s, len);	/* clears the marks */
+		return false;
+	}
+	return true;
+}
+
+/* Make [s, s + len) read-only again: the pool parts already are. */
+static void ro_close(uintptr_t s, size_t len)
+{
+	if (syscall(SYS_mprotect, s, len, PROT_READ) == 0)
+		return;
+	/* a raw munmap took part of it (ENOMEM): the rest, page by page */
+	for (uintptr_t p = s; p < s + len; p += SP_PAGE)
+		if (syscall(SYS_mprotect, p, SP_PAGE, PROT_READ) < 0 &&
+		    mapped(p, SP_PAGE))
+			log_warn("cannot make %#lx read-only again",
+				 (unsigned long)p);
+}
+
 /* Free the old pages of merged items, all in one go. */
 void agent_release_scratch(struct sp_agent *a)
 {
@@ -546,6 +595,7 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 {
 	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
 	size_t n = it->npages, len = n * SP_PAGE, i, j;
+	bool ro;
 	int r, r2;
 
 	memset(res, 0, sizeof(*res));
@@ -553,10 +603,15 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		return 0;	/* unmapped or unmerged since: stale */
 	if (it->kind == SP_ITEM_POOL &&
 	    (it->pgoff + n) * SP_PAGE > a->pool_bytes)
-		return -EINVAL;
-	r = uffd_register(a->uffd, it->addr, len);
-	if (r < 0)
+		return -ERANGE;
+	ro = run_prot(a, it->addr, len) == PROT_READ;
+	if (ro ? !ro_open(a, it->addr, len)
+	       : uffd_register(a->uffd, it->addr, len, false) < 0) {
+		if (ro)		/* not as the table says: leave it be */
+			for (i = 0; i < n; i++)
+				res->immovable[i / 64] |= 1ULL << (i % 64);
 		return 0;
+	}
 	if (a->scratch_used + n > SP_SCRATCH_PAGES)
 		agent_release_scratch(a);
 	a->slot = a->scratch + a->scratch_used * SP_PAGE;
@@ -577,6 +632,8 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		else if (r2 == 0)
 			restore(a, it->addr, in, i, j);
 	}
+	if (ro)
+		ro_close(it->addr, len);
 	uffd_wake(a->uffd, it->addr, len);
 	if (uffd_unregister(a->uffd, it->addr, len) < 0)
 		log_warn("unregister %#lx", (unsigned long)it->addr);

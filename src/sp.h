@@ -51,6 +51,13 @@ void log_debug(const char *fmt, ...) SP_PRINTF(1, 2);
 #define PM_PFN(v) ((v) & ((1ULL << 55) - 1))
 
 int sp_pagemap_read(int fd, uintptr_t addr, size_t npages, uint64_t *out);
+/* One mapping, as /proc/PID/maps tells it. */
+struct sp_vma {
+	uintptr_t start, end;
+	int prot;		/* PROT_READ | PROT_WRITE | PROT_EXEC */
+	bool shared, file;
+};
+int sp_vma_query(int mapsfd, uintptr_t addr, struct sp_vma *v);
 int sp_default_socket(char *buf, size_t len);
 int sp_mkdir_parent(const char *path);
 int sp_send(int fd, int type, const void *payload, size_t plen);
@@ -99,7 +106,8 @@ void rg_free(struct sp_regions *rs);
 
 /* ---- uffd.c: userfaultfd ABI and thin wrappers ---------------------- */
 int uffd_open(bool *has_move);
-int uffd_register(int uffd, uintptr_t s, size_t len);
+int uffd_register(int uffd, uintptr_t s, size_t len, bool wp);
+int uffd_writeprotect(int uffd, uintptr_t s, size_t len);
 int uffd_unregister(int uffd, uintptr_t s, size_t len);
 int uffd_wake(int uffd, uintptr_t s, size_t len);
 /* Returns bytes moved (>= 0) or -errno with *moved set. */
@@ -121,7 +129,7 @@ struct sp_agent {
 				 * mapping changes */
 	int tracking;		/* interposers keep regions up to date */
 	int active;		/* connected and merging */
-	int sock, uffd, poolfd, pagemap, wakefd[2];
+	int sock, uffd, poolfd, pagemap, mapsfd, wakefd[2];
 	int safety;		/* 1: UFFDIO_MOVE */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
 	size_t any_min;		/* smallest mapping merge_any takes */

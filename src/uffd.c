@@ -76,14 +76,27 @@ int uffd_open(bool *has_move)
 	return fd;
 }
 
-int uffd_register(int uffd, uintptr_t s, size_t len)
+/* MISSING mode; with wp, write-protect mode too (anonymous memory). */
+int uffd_register(int uffd, uintptr_t s, size_t len, bool wp)
 {
 	struct uffdio_register r = {
 		.range = { s, len },
-		.mode = UFFDIO_REGISTER_MODE_MISSING,
+		.mode = UFFDIO_REGISTER_MODE_MISSING |
+			(wp ? UFFDIO_REGISTER_MODE_WP : 0),
 	};
 
 	return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
+}
+
+/* Make every write to [s, s + len) wait in the kernel until woken. */
+int uffd_writeprotect(int uffd, uintptr_t s, size_t len)
+{
+	struct uffdio_writeprotect w = {
+		.range = { s, len },
+		.mode = UFFDIO_WRITEPROTECT_MODE_WP,
+	};
+
+	return ioctl(uffd, UFFDIO_WRITEPROTECT, &w) < 0 ? -errno : 0;
 }
 
 int uffd_unregister(int uffd, uintptr_t s, size_t len)

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -30,6 +32,45 @@ int sp_pagemap_read(int fd, uintptr_t addr, size_t npages, uint64_t *out)
 			return -EIO;
 		got += (size_t)n;
 	}
+	return 0;
+}
+
+#ifndef PROCMAP_QUERY		/* Linux 6.11; older headers lack it */
+struct procmap_query {
+	uint64_t size, query_flags, query_addr;
+	uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset;
+	uint64_t inode;
+	uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+	uint64_t vma_name_addr, build_id_addr;
+};
+#define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
+#define PROCMAP_QUERY_VMA_READABLE 0x01
+#define PROCMAP_QUERY_VMA_WRITABLE 0x02
+#define PROCMAP_QUERY_VMA_EXECUTABLE 0x04
+#define PROCMAP_QUERY_VMA_SHARED 0x08
+#endif
+
+/*
+ * Ask the kernel (PROCMAP_QUERY on an open /proc/PID/maps) for the
+ * mapping holding addr.  *prot gets its PROT_* bits; -EOPNOTSUPP on
+ * kernels before 6.11, -ENOENT if nothing is mapped there.
+ */
+int sp_vma_query(int mapsfd, uintptr_t addr, struct sp_vma *v)
+{
+	struct procmap_query q = {
+		.size = sizeof(q), .query_addr = addr,
+	};
+
+	if (ioctl(mapsfd, PROCMAP_QUERY, &q) < 0)
+		return errno == ENOTTY || errno == EINVAL ? -EOPNOTSUPP
+							  : -errno;
+	v->start = q.vma_start;
+	v->end = q.vma_end;
+	v->prot = (q.vma_flags & PROCMAP_QUERY_VMA_READABLE ? PROT_READ : 0) |
+		  (q.vma_flags & PROCMAP_QUERY_VMA_WRITABLE ? PROT_WRITE : 0) |
+		  (q.vma_flags & PROCMAP_QUERY_VMA_EXECUTABLE ? PROT_EXEC : 0);
+	v->shared = (q.vma_flags & PROCMAP_QUERY_VMA_SHARED) != 0;
+	v->file = q.inode || q.dev_major || q.dev_minor;
 	return 0;
 }
 

@@ -24,6 +24,10 @@
  *   mremap N              move/resize the region; answers the address
  *   hammer T SECONDS      T threads write, read back and restore words
  *                         in random pages; "ok WRITES LOST"
+ *   rowrite T SECONDS FIRST N
+ *                         T threads try to write random pages of
+ *                         [FIRST, FIRST + N), which should be read-only;
+ *                         each try must fault.  "ok TRIES WROTE"
  *   pin FIRST N           register pages as io_uring fixed buffers
  *   uread FILE FIRST      IORING_OP_READ_FIXED from FILE into page FIRST
  *                         of the pinned range, at the address it was
@@ -44,6 +48,8 @@
 #include <fcntl.h>
 #include <liburing.h>
 #include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -171,6 +177,67 @@ static void cmd_hammer(unsigned t, double secs)
 	}
 	printf("ok %llu %llu\n", (unsigned long long)writes,
 	       (unsigned long long)lost);
+}
+
+static _Thread_local sigjmp_buf rowrite_jb;
+
+static void rowrite_segv(int sig)
+{
+	(void)sig;
+	siglongjmp(rowrite_jb, 1);
+}
+
+struct rowrite {
+	pthread_t t;
+	unsigned id;
+	double until;
+	size_t first, n;
+	uint64_t tries, wrote, seed;
+};
+
+static void *rowrite_main(void *arg)
+{
+	struct rowrite *r = arg;
+	uint64_t *x = &r->seed;	/* not a local: siglongjmp comes back */
+
+	*x = r->id * 104729 + 7;
+	while (now() < r->until) {
+		volatile uint8_t *b;
+
+		*x = *x * 6364136223846793005ULL + 1442695040888963407ULL;
+		b = region + (r->first + (*x >> 33) % r->n) * PG +
+		    (*x >> 20) % PG;
+		r->tries++;
+		if (sigsetjmp(rowrite_jb, 1) == 0) {
+			*b = (uint8_t)~*b;	/* must fault */
+			r->wrote++;
+		}
+	}
+	return NULL;
+}
+
+static void cmd_rowrite(unsigned t, double secs, size_t first, size_t n)
+{
+	struct rowrite r[16];
+	struct sigaction sa = { .sa_handler = rowrite_segv }, old;
+	uint64_t tries = 0, wrote = 0;
+
+	if (t > 16)
+		t = 16;
+	sigaction(SIGSEGV, &sa, &old);
+	for (unsigned i = 0; i < t; i++) {
+		r[i] = (struct rowrite){ .id = i, .until = now() + secs,
+					 .first = first, .n = n };
+		pthread_create(&r[i].t, NULL, rowrite_main, &r[i]);
+	}
+	for (unsigned i = 0; i < t; i++) {
+		pthread_join(r[i].t, NULL);
+		tries += r[i].tries;
+		wrote += r[i].wrote;
+	}
+	sigaction(SIGSEGV, &old, NULL);
+	printf("ok %llu %llu\n", (unsigned long long)tries,
+	       (unsigned long long)wrote);
 }
 
 static void cmd_pin(size_t first, size_t n)
@@ -311,7 +378,7 @@ static void reply(int r)
 int main(void)
 {
 	char line[512], a1[256];
-	unsigned long x, y, z;
+	unsigned long x, y, z, w;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	while (fgets(line, sizeof(line), stdin)) {
@@ -391,6 +458,9 @@ int main(void)
 			}
 		} else if (sscanf(line, "hammer %lu %lu", &x, &y) == 2) {
 			cmd_hammer((unsigned)x, (double)y);
+		} else if (sscanf(line, "rowrite %lu %lu %lu %lu", &x, &y, &z,
+				  &w) == 4) {
+			cmd_rowrite((unsigned)x, (double)y, z, w);
 		} else if (sscanf(line, "pin %lu %lu", &x, &y) == 2) {
 			cmd_pin(x, y);
 		} else if (sscanf(line, "uread %255s %lu", a1, &x) == 2) {

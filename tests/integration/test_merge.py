@@ -301,22 +301,52 @@ def region_perms(p, n):
 
 
 def test_protection_kept():
-    """A range made read-only after it opted in stays read-only.  It is
-    not merged (UFFDIO_MOVE wants the same protection on both sides, and
-    the scratch area is read-write): samepage merges less rather than map
-    the pool read-write over it."""
+    """A range made read-only after it opted in is merged as KSM would,
+    and stays read-only: a write to it still faults, before and after
+    merging, and the program's bytes are intact."""
     with Env() as e:
         a, b = twins(e, 2000)
         for p in (a, b):
             p.ok("mprotect 0 1000 1")       # PROT_READ
-        converge(e.d, "pages_sharing", 1000)
-        time.sleep(1)
+        converge(e.d, "pages_sharing", 2000)
+        check(shared(a, b, 0, 1000) == 1000, "read-only half not shared")
         check(shared(a, b, 1000, 1000) == 1000, "read-write half not shared")
-        check(shared(a, b, 0, 1000) == 0, "read-only half shared")
         for p in (a, b):
             ro = region_perms(p, 1000)
             check(ro == {"r--p"}, f"read-only half mapped {ro}")
+            tries, wrote = map(int, p.ok("rowrite 2 1 0 1000").split())
+            check(tries > 0 and wrote == 0,
+                  f"{wrote} of {tries} writes to read-only pages went in")
             p.ok("check 1 0 2000")
+        # and the read-write half still takes writes, each its own
+        a.ok("write 1500 9")
+        b.ok("check 1 1500 1")
+
+
+def test_readonly_writes_fault_during_merge():
+    """Read-only pages are writable for the kernel while they are merged
+    (UFFDIO_MOVE moves only between writable mappings).  Threads try to
+    write them all through merging, each merge held open 200 ms: every
+    try must fault, as without samepage, and no byte may change."""
+    n = 1500
+    with Env() as e:
+        a = e.proc(env={"SAMEPAGE_FAULT": "delay"})
+        b = e.proc()
+        for p in (a, b):
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+            p.ok(f"mprotect 0 {n} 1")
+            p.ok("merge")
+        tries, wrote = map(int, a.ok(f"rowrite 2 6 0 {n}").split())
+        check(tries > 1000, f"only {tries} tries")
+        check(wrote == 0, f"{wrote} of {tries} writes to read-only pages "
+              "went in while they were merged")
+        converge(e.d, "pages_sharing", n)
+        check(shared(a, b) == n, "read-only pages not shared")
+        check(region_perms(a, n) == {"r--p"},
+              f"mapped {region_perms(a, n)} after merging")
+        a.ok(f"check 1 0 {n}")
+        b.ok(f"check 1 0 {n}")
 
 
 if __name__ == "__main__":
@@ -334,4 +364,5 @@ if __name__ == "__main__":
         test_malloc_memory_merges,
         test_refuses_what_ksm_refuses,
         test_protection_kept,
+        test_readonly_writes_fault_during_merge,
     ]))
