@@ -53,7 +53,7 @@
 static const uint64_t recount_every = 512;
 
 /* Fault injection for tests:
- * SAMEPAGE_FAULT=verify|map|moveback|delay|inplace.
+ * SAMEPAGE_FAULT=verify|map|moveback|delay|latedelay|differ|inplace.
  * Read once; merges run one at a time under the agent lock. */
 static bool fault(const char *what)
 {
@@ -130,24 +130,27 @@ static bool budget_allows(struct sp_agent *a, uint64_t more)
 	return false;
 }
 
-/* Put scratch pages [i, i + n) back at addr.  Must not fail. */
+/*
+ * Put scratch pages [i, i + n) back at addr.  Must not fail.  With copy
+ * (a read-only run, read-only again already: MOVE would refuse it, and
+ * a page MOVE puts back would be writable until then), by UFFDIO_COPY.
+ */
 static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
-		      size_t n)
+		      size_t n, bool copy)
 {
 	uintptr_t dst = addr + i * SP_PAGE;
 	uintptr_t src = (uintptr_t)a->slot + i * SP_PAGE;
-	size_t moved, k;
+	size_t moved = 0, k;
+	bool no_move = copy || fault("moveback");
 
-	if (!fault("moveback") &&
+	if (!no_move &&
 	    uffd_move(a->uffd, dst, src, n * SP_PAGE, &moved) == 0)
 		return;
-	if (fault("moveback"))
-		moved = 0;
 	for (k = moved / SP_PAGE; k < n; k++) {
 		uintptr_t d = dst + k * SP_PAGE, s = src + k * SP_PAGE;
 		size_t one;
 
-		if (!fault("moveback") &&
+		if (!no_move &&
 		    uffd_move(a->uffd, d, s, SP_PAGE, &one) == 0)
 			continue;
 		/* Copy the saved bytes instead; the scratch page is
@@ -451,16 +454,17 @@ static void compare(struct sp_agent *a, const struct sp_item *it,
 			const uint8_t *pp = copied ? pool + k * SP_PAGE
 				: a->pool + (it->pgoff + i) * SP_PAGE;
 
-			eq[i] = in[i] && (it->kind == SP_ITEM_ZERO
-						  ? sp_page_is_zero(pm)
-						  : memcmp(pm, pp, SP_PAGE) == 0);
+			eq[i] = in[i] && !fault("differ") &&
+				(it->kind == SP_ITEM_ZERO
+					 ? sp_page_is_zero(pm)
+					 : memcmp(pm, pp, SP_PAGE) == 0);
 		}
 	}
 }
 
 /* Move back every page of [i, j) that is in scratch, a run at a time. */
 static void restore(struct sp_agent *a, uintptr_t addr, const uint8_t *in,
-		    size_t i, size_t j)
+		    size_t i, size_t j, bool copy)
 {
 	while (i < j) {
 		size_t k;
@@ -470,7 +474,7 @@ static void restore(struct sp_agent *a, uintptr_t addr, const uint8_t *in,
 		for (k = i; k < j && in[k]; k++)
 			;
 		if (k > i)
-			move_back(a, addr, i, k - i);
+			move_back(a, addr, i, k - i, copy);
 		i = k;
 	}
 }
@@ -594,6 +598,7 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res)
 {
 	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
+	uint8_t back[SP_ITEM_PAGES];	/* in scratch, to be put back */
 	size_t n = it->npages, len = n * SP_PAGE, i, j;
 	bool ro;
 	int r, r2;
@@ -629,11 +634,18 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		r2 = eq[i] ? merge_run(a, it, i, j, res) : 0;
 		if (r2 > 0)
 			set_bits(res, i, j - i);
-		else if (r2 == 0)
-			restore(a, it->addr, in, i, j);
+		for (size_t k = i; k < j; k++)
+			back[k] = r2 == 0 && in[k];
+		if (r2 == 0 && !ro)
+			restore(a, it->addr, in, i, j, false);
 	}
-	if (ro)
+	if (fault("latedelay"))
+		usleep(200000);	/* all mapped or put back (read-write) */
+	if (ro) {
+		/* read-only first, then the pages back: never writable */
 		ro_close(it->addr, len);
+		restore(a, it->addr, back, 0, n, true);
+	}
 	uffd_wake(a->uffd, it->addr, len);
 	if (uffd_unregister(a->uffd, it->addr, len) < 0)
 		log_warn("unregister %#lx", (unsigned long)it->addr);

@@ -24,10 +24,11 @@
  *   mremap N              move/resize the region; answers the address
  *   hammer T SECONDS      T threads write, read back and restore words
  *                         in random pages; "ok WRITES LOST"
- *   rowrite T SECONDS FIRST N
+ *   rowrite T SECONDS FIRST N [PAUSE_US]
  *                         T threads try to write random pages of
- *                         [FIRST, FIRST + N), which should be read-only;
- *                         each try must fault.  "ok TRIES WROTE"
+ *                         [FIRST, FIRST + N), which should be read-only,
+ *                         pausing up to PAUSE_US between tries; each try
+ *                         must fault.  "ok TRIES WROTE"
  *   pin FIRST N           register pages as io_uring fixed buffers
  *   uread FILE FIRST      IORING_OP_READ_FIXED from FILE into page FIRST
  *                         of the pinned range, at the address it was
@@ -192,6 +193,7 @@ struct rowrite {
 	unsigned id;
 	double until;
 	size_t first, n;
+	unsigned pause_us;
 	uint64_t tries, wrote, seed;
 };
 
@@ -208,6 +210,8 @@ static void *rowrite_main(void *arg)
 		b = region + (r->first + (*x >> 33) % r->n) * PG +
 		    (*x >> 20) % PG;
 		r->tries++;
+		if (r->pause_us)
+			usleep((unsigned)(*x >> 40) % r->pause_us);
 		if (sigsetjmp(rowrite_jb, 1) == 0) {
 			*b = (uint8_t)~*b;	/* must fault */
 			r->wrote++;
@@ -216,7 +220,8 @@ static void *rowrite_main(void *arg)
 	return NULL;
 }
 
-static void cmd_rowrite(unsigned t, double secs, size_t first, size_t n)
+static void cmd_rowrite(unsigned t, double secs, size_t first, size_t n,
+			unsigned pause_us)
 {
 	struct rowrite r[16];
 	struct sigaction sa = { .sa_handler = rowrite_segv }, old;
@@ -227,7 +232,8 @@ static void cmd_rowrite(unsigned t, double secs, size_t first, size_t n)
 	sigaction(SIGSEGV, &sa, &old);
 	for (unsigned i = 0; i < t; i++) {
 		r[i] = (struct rowrite){ .id = i, .until = now() + secs,
-					 .first = first, .n = n };
+					 .first = first, .n = n,
+					 .pause_us = pause_us };
 		pthread_create(&r[i].t, NULL, rowrite_main, &r[i]);
 	}
 	for (unsigned i = 0; i < t; i++) {
@@ -378,7 +384,8 @@ static void reply(int r)
 int main(void)
 {
 	char line[512], a1[256];
-	unsigned long x, y, z, w;
+	unsigned long x, y, z, w, v;
+	int k;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	while (fgets(line, sizeof(line), stdin)) {
@@ -458,9 +465,10 @@ int main(void)
 			}
 		} else if (sscanf(line, "hammer %lu %lu", &x, &y) == 2) {
 			cmd_hammer((unsigned)x, (double)y);
-		} else if (sscanf(line, "rowrite %lu %lu %lu %lu", &x, &y, &z,
-				  &w) == 4) {
-			cmd_rowrite((unsigned)x, (double)y, z, w);
+		} else if ((k = sscanf(line, "rowrite %lu %lu %lu %lu %lu", &x,
+				       &y, &z, &w, &v)) >= 4) {
+			cmd_rowrite((unsigned)x, (double)y, z, w,
+				    k == 5 ? (unsigned)v : 0);
 		} else if (sscanf(line, "pin %lu %lu", &x, &y) == 2) {
 			cmd_pin(x, y);
 		} else if (sscanf(line, "uread %255s %lu", a1, &x) == 2) {

@@ -349,6 +349,34 @@ def test_readonly_writes_fault_during_merge():
         b.ok(f"check 1 0 {n}")
 
 
+def test_readonly_pages_put_back_stay_readonly():
+    """Read-only pages that are moved out and found changed (injected)
+    go back into a range that is read-only again first.  Each item is held
+    open 200 ms once its pages are back (or would be); threads try to
+    write them at random moments (a thread that tries early waits until
+    the wake, so they pause between tries): every try must fault, and no
+    byte may change."""
+    n = 600
+    with Env() as e:
+        a = e.proc(env={"SAMEPAGE_FAULT": "differ,latedelay"})
+        b = e.proc()
+        for p in (a, b):
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+            p.ok(f"mprotect 0 {n} 1")
+            p.ok("merge")
+        tries, wrote = map(int, a.ok(f"rowrite 4 5 0 {n} 40000").split())
+        changed = int(a.stats()["changed"])
+        check(changed >= n, f"only {changed} pages went out and back")
+        check(tries > 50, f"only {tries} tries")
+        check(wrote == 0, f"{wrote} of {tries} writes to read-only pages "
+              "went in after they were put back")
+        check(shared(a, b) == 0, "pages found changed were shared")
+        check(region_perms(a, n) == {"r--p"},
+              f"mapped {region_perms(a, n)} after merging")
+        a.ok(f"check 1 0 {n}")
+
+
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_two_processes_share,
@@ -365,4 +393,5 @@ if __name__ == "__main__":
         test_refuses_what_ksm_refuses,
         test_protection_kept,
         test_readonly_writes_fault_during_merge,
+        test_readonly_pages_put_back_stay_readonly,
     ]))
