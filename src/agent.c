@@ -9,6 +9,7 @@
  */
 #include <dlfcn.h>
 #include <errno.h>
+#include <link.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdatomic.h>
@@ -150,8 +151,16 @@ static void *agent_main(void *arg)
 	for (;;) {
 		struct sp_msg m;
 		ssize_t n;
+		uint64_t now = sp_now_ms();
 
-		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+		if (a->merge_any && now >= a->sweep_at_ms) {
+			pthread_mutex_lock(&a->lock);
+			if (a->merge_any)
+				agent_sweep_any(a);
+			pthread_mutex_unlock(&a->lock);
+		}
+		if (poll(pfd, 2, a->merge_any ? 1000 : -1) < 0 &&
+		    errno != EINTR)
 			break;
 		if (pfd[1].revents)
 			return NULL;	/* samepage_shutdown() */
@@ -251,6 +260,76 @@ static int map_pool_and_scratch(struct sp_agent *a)
 	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen, false);
 }
 
+static void add_own(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	if (a->nown < sizeof(a->own) / sizeof(a->own[0]) && s < e) {
+		a->own[a->nown][0] = s & ~(SP_PAGE - 1);
+		a->own[a->nown][1] = (e + SP_PAGE - 1) & ~(SP_PAGE - 1);
+		a->nown++;
+	}
+}
+
+/* This library's loaded segments (its .bss is anonymous memory). */
+static int own_segments(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	struct sp_agent *a = arg;
+	uintptr_t me = (uintptr_t)&sp_agent;
+	bool mine = false;
+
+	(void)size;
+	for (int i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t s = info->dlpi_addr + ph->p_vaddr;
+
+		if (ph->p_type == PT_LOAD && me >= s && me < s + ph->p_memsz)
+			mine = true;
+	}
+	for (int i = 0; mine && i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t s = info->dlpi_addr + ph->p_vaddr;
+
+		if (ph->p_type == PT_LOAD)
+			add_own(a, s, s + ph->p_memsz);
+	}
+	return mine;
+}
+
+/* What the agent itself touches while merging (see struct sp_agent). */
+static void find_own(struct sp_agent *a)
+{
+	pthread_attr_t attr;
+	void *stack;
+	size_t size;
+
+	a->nown = 0;
+	dl_iterate_phdr(own_segments, a);
+	if (pthread_getattr_np(a->thread, &attr) == 0) {
+		if (pthread_attr_getstack(&attr, &stack, &size) == 0)
+			add_own(a, (uintptr_t)stack, (uintptr_t)stack + size);
+		pthread_attr_destroy(&attr);
+	}
+}
+
+bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	uintptr_t t;
+	size_t len;
+
+	rg_storage(&a->regions, &t, &len);
+	if ((s < t + len && e > t) ||
+	    (a->scratch && s < (uintptr_t)a->scratch +
+				       SP_SCRATCH_PAGES * SP_PAGE &&
+	     e > (uintptr_t)a->scratch) ||
+	    (a->cmpbuf && s < (uintptr_t)a->cmpbuf +
+				      2 * SP_CMP_PAGES * SP_PAGE &&
+	     e > (uintptr_t)a->cmpbuf))
+		return true;
+	for (size_t i = 0; i < a->nown; i++)
+		if (s < a->own[i][1] && e > a->own[i][0])
+			return true;
+	return false;
+}
+
 static void register_all(struct sp_agent *a)
 {
 	for (size_t i = 0; i < a->regions.n; i++)
@@ -288,6 +367,7 @@ static int agent_start(struct sp_agent *a)
 
 	a->tracking = 1;
 	a->pid = getpid();
+	agent_merge_init();
 	r = open_uffd(a);
 	if (r < 0)
 		return r;
@@ -323,8 +403,11 @@ static int agent_start(struct sp_agent *a)
 	 * inside the program can be told from the program's own. */
 	pthread_setname_np(a->thread, "samepage-agent");
 	a->thread_started = 1;
+	find_own(a);
 	a->active = 1;
 	register_all(a);
+	if (a->merge_any)
+		agent_sweep_any(a);	/* --all: what libc mapped already */
 	return 0;
 fail:
 	close_fd(&a->sock);

@@ -12,6 +12,7 @@
  * samepage leaves it alone rather than guess.
  */
 #include <errno.h>
+#include <link.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -319,9 +320,10 @@ int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e)
 	return 0;
 }
 
-/* Add [lo, hi) to the region set where no region is known yet. */
+/* Add [lo, hi) to the region set where no region is known yet, with
+ * flags; mergeable parts are sent to the daemon. */
 static void add_gaps(struct sp_agent *a, uintptr_t lo, uintptr_t hi,
-		     int prot)
+		     int prot, unsigned flags)
 {
 	while (lo < hi) {
 		size_t i = rg_first(&a->regions, lo);
@@ -333,10 +335,34 @@ static void add_gaps(struct sp_agent *a, uintptr_t lo, uintptr_t hi,
 		}
 		if (i < a->regions.n && a->regions.v[i].start < hi)
 			next = a->regions.v[i].start;
-		if (rg_add(&a->regions, lo, next, prot, 0) < 0)
+		if (rg_add(&a->regions, lo, next, prot, flags) < 0)
 			return;
+		if (flags & RG_MERGEABLE)
+			agent_notify(a, SP_REG, lo, next);
 		lo = next;
 	}
+}
+
+/* One line of /proc/self/maps.  *anon: private anonymous memory KSM
+ * would take (not the stack, not a file, not shared). */
+static bool maps_line(const char *line, uintptr_t *vs, uintptr_t *ve,
+		      int *prot, bool *anon)
+{
+	unsigned long s, e, off, ino;
+	char perm[8], dev[16], name[256] = "";
+
+	if (sscanf(line, "%lx-%lx %7s %lx %15s %lu %255s", &s, &e, perm, &off,
+		   dev, &ino, name) < 6)
+		return false;
+	*vs = s;
+	*ve = e;
+	*prot = (perm[0] == 'r' ? PROT_READ : 0) |
+		(perm[1] == 'w' ? PROT_WRITE : 0) |
+		(perm[2] == 'x' ? PROT_EXEC : 0);
+	*anon = perm[3] == 'p' && ino == 0 && !strcmp(dev, "00:00") &&
+		(!name[0] || !strcmp(name, "[heap]") ||
+		 !strncmp(name, "[anon:", 6));
+	return true;
 }
 
 /*
@@ -353,27 +379,128 @@ static void adopt_unknown(struct sp_agent *a, uintptr_t s, uintptr_t e)
 	if (!f)
 		return;
 	while (fgets(line, sizeof(line), f)) {
-		unsigned long vs, ve, off, ino;
-		char perm[8], dev[16], name[256] = "";
+		uintptr_t vs, ve;
 		int prot;
+		bool anon;
 
-		if (sscanf(line, "%lx-%lx %7s %lx %15s %lu %255s", &vs, &ve,
-			   perm, &off, dev, &ino, name) < 6)
-			continue;
-		if (ve <= s)
+		if (!maps_line(line, &vs, &ve, &prot, &anon) || ve <= s)
 			continue;
 		if (vs >= e)
 			break;
-		if (perm[3] != 'p' || ino != 0 || strcmp(dev, "00:00") ||
-		    (name[0] && strcmp(name, "[heap]") &&
-		     strncmp(name, "[anon:", 6)))
-			continue;
-		prot = (perm[0] == 'r' ? PROT_READ : 0) |
-		       (perm[1] == 'w' ? PROT_WRITE : 0) |
-		       (perm[2] == 'x' ? PROT_EXEC : 0);
-		add_gaps(a, vs > s ? vs : s, ve < e ? ve : e, prot);
+		if (anon)
+			add_gaps(a, vs > s ? vs : s, ve < e ? ve : e, prot, 0);
 	}
 	fclose(f);
+}
+
+/* Loaded objects' segments: their .bss is anonymous memory that libc
+ * and the agent use while they merge. */
+struct segs {
+	uintptr_t v[256][2];
+	size_t n;
+	bool full;
+};
+
+static int add_segments(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	struct segs *g = arg;
+
+	(void)size;
+	for (int i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t s = info->dlpi_addr + ph->p_vaddr;
+
+		if (ph->p_type != PT_LOAD)
+			continue;
+		if (g->n == sizeof(g->v) / sizeof(g->v[0])) {
+			g->full = true;
+			return 1;
+		}
+		g->v[g->n][0] = s;
+		g->v[g->n][1] = s + ph->p_memsz;
+		g->n++;
+	}
+	return 0;
+}
+
+static bool in_segments(const struct segs *g, uintptr_t s, uintptr_t e)
+{
+	for (size_t i = 0; i < g->n; i++)
+		if (s < g->v[i][1] && e > g->v[i][0])
+			return true;
+	return false;
+}
+
+/* Forget what the table holds in [s, e), where nothing is mapped now
+ * (memory libc freed without the interposed munmap).  Regions that may
+ * hold pool mappings stay: forgetting one wrongly would lose track of
+ * them, keeping one costs nothing. */
+static void forget_unmapped(struct sp_agent *a, uintptr_t s, uintptr_t e)
+{
+	size_t i = rg_first(&a->regions, s);
+
+	while (i < a->regions.n && a->regions.v[i].start < e) {
+		struct sp_region *r = &a->regions.v[i];
+		uintptr_t lo = r->start > s ? r->start : s;
+		uintptr_t hi = r->end < e ? r->end : e;
+
+		if (r->flags & RG_MERGED) {
+			i++;
+			continue;
+		}
+		forget(a, lo, hi);
+		i = rg_first(&a->regions, hi);
+	}
+}
+
+/*
+ * prctl(PR_SET_MEMORY_MERGE) and --all take every private anonymous
+ * mapping of at least any_min bytes, as KSM does: also those libc makes
+ * without the interposed mmap (malloc's mmaps and arenas, thread stacks)
+ * and those made before the agent started.  So while merge_any is on,
+ * /proc/self/maps is swept: when it is turned on, and then from the
+ * agent's thread every few seconds (more seldom when a sweep is slow:
+ * it costs in proportion to the mappings).  Left out: mappings bigger
+ * than RAM (reservations, such as a sanitizer's shadow), loaded
+ * objects' segments (.bss, which libc and the agent use), and the
+ * agent's own memory.  Called with the agent lock held.
+ */
+void agent_sweep_any(struct sp_agent *a)
+{
+	static struct segs g;
+	static char line[512];
+	uint64_t t0 = sp_now_ms(), took;
+	uintptr_t prev = 0, ram = (uintptr_t)sysconf(_SC_PHYS_PAGES) * SP_PAGE;
+	size_t min = a->any_min > SP_PAGE ? a->any_min : SP_PAGE;
+	FILE *f;
+
+	g.n = 0;
+	g.full = false;
+	dl_iterate_phdr(add_segments, &g);
+	f = g.full ? NULL : fopen("/proc/self/maps", "re");
+	if (f) {
+		while (fgets(line, sizeof(line), f)) {
+			uintptr_t vs, ve;
+			int prot;
+			bool anon;
+
+			if (!maps_line(line, &vs, &ve, &prot, &anon))
+				continue;
+			if (vs > prev)
+				forget_unmapped(a, prev, vs);
+			if (ve > prev)
+				prev = ve;
+			if (!anon || ve - vs < min || ve - vs > ram ||
+			    !mergeable_prot(prot) || in_segments(&g, vs, ve) ||
+			    agent_owns(a, vs, ve))
+				continue;
+			add_gaps(a, vs, ve, prot, RG_MERGEABLE);
+		}
+		fclose(f);
+	}
+	took = sp_now_ms() - t0;
+	a->sweep_every_ms = took * 50 > 2000 ? took * 50 : 2000;
+	a->sweep_at_ms = sp_now_ms() + a->sweep_every_ms;
 }
 
 SAMEPAGE_API int samepage_merge(void *addr, size_t len)
@@ -436,6 +563,7 @@ SAMEPAGE_API int samepage_set_merge_any(int on)
 			    a->any_min)
 				agent_mark_mergeable(a, a->regions.v[i].start,
 						     a->regions.v[i].end);
+		agent_sweep_any(a);
 	} else if (a->regions.n) {
 		unmerge_locked(a, a->regions.v[0].start,
 			       a->regions.v[a->regions.n - 1].end);

@@ -67,6 +67,14 @@ static bool fault(const char *what)
 	return f && strstr(f, what);
 }
 
+/* Read the environment now: during a merge the agent must touch no
+ * memory it may be merging, and a program's setenv puts environ in the
+ * heap. */
+void agent_merge_init(void)
+{
+	(void)fault("");
+}
+
 /* Is all of [addr, addr + len) still mapped?  (msync: ENOMEM if not.)
  * The program's libc calls cannot unmap a range under merge (they take
  * the agent lock); a raw munmap(2) can. */
@@ -609,6 +617,13 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	if (it->kind == SP_ITEM_POOL &&
 	    (it->pgoff + n) * SP_PAGE > a->pool_bytes)
 		return -ERANGE;
+	if (agent_owns(a, it->addr, it->addr + len)) {
+		/* a region left from memory libc freed without the
+		 * interposed munmap, reused for the agent's own */
+		for (i = 0; i < n; i++)
+			res->immovable[i / 64] |= 1ULL << (i % 64);
+		return 0;
+	}
 	ro = run_prot(a, it->addr, len) == PROT_READ;
 	if (ro ? !ro_open(a, it->addr, len)
 	       : uffd_register(a->uffd, it->addr, len, false) < 0) {

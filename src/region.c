@@ -8,6 +8,9 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "sp.h"
 
@@ -26,6 +29,18 @@ size_t rg_first(const struct sp_regions *rs, uintptr_t addr)
 	return lo;
 }
 
+static size_t table_bytes(size_t cap)
+{
+	return (cap * sizeof(struct sp_region) + SP_PAGE - 1) &
+	       ~(size_t)(SP_PAGE - 1);
+}
+
+/*
+ * The table lives in a mapping of its own, made with raw system calls
+ * (the agent interposes mmap): never in malloc's memory, which the
+ * program may have opted in (prctl, --all).  The agent must not touch a
+ * page while it merges it; it touches the table then.
+ */
 static int rg_reserve(struct sp_regions *rs, size_t more)
 {
 	struct sp_region *v;
@@ -36,12 +51,24 @@ static int rg_reserve(struct sp_regions *rs, size_t more)
 	cap = rs->cap ? rs->cap * 2 : 64;
 	while (cap < rs->n + more)
 		cap *= 2;
-	v = realloc(rs->v, cap * sizeof(*v));
-	if (!v)
+	cap = table_bytes(cap) / sizeof(*v);	/* the page, used whole */
+	v = rs->v ? (void *)syscall(SYS_mremap, rs->v, table_bytes(rs->cap),
+				    table_bytes(cap), MREMAP_MAYMOVE)
+		  : (void *)syscall(SYS_mmap, NULL, table_bytes(cap),
+				    PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (v == MAP_FAILED)
 		return -ENOMEM;
 	rs->v = v;
 	rs->cap = cap;
 	return 0;
+}
+
+/* Where the table is: [*s, *s + len), for whoever must keep off it. */
+void rg_storage(const struct sp_regions *rs, uintptr_t *s, size_t *len)
+{
+	*s = (uintptr_t)rs->v;
+	*len = rs->v ? table_bytes(rs->cap) : 0;
 }
 
 static void rg_insert_at(struct sp_regions *rs, size_t i,
@@ -185,6 +212,7 @@ bool rg_any(const struct sp_regions *rs, uintptr_t s, uintptr_t e,
 
 void rg_free(struct sp_regions *rs)
 {
-	free(rs->v);
+	if (rs->v)
+		syscall(SYS_munmap, rs->v, table_bytes(rs->cap));
 	memset(rs, 0, sizeof(*rs));
 }

@@ -103,6 +103,7 @@ bool rg_covered(const struct sp_regions *rs, uintptr_t s, uintptr_t e,
 		unsigned flags);
 size_t rg_first(const struct sp_regions *rs, uintptr_t addr);
 void rg_free(struct sp_regions *rs);
+void rg_storage(const struct sp_regions *rs, uintptr_t *s, size_t *len);
 
 /* ---- uffd.c: userfaultfd ABI and thin wrappers ---------------------- */
 int uffd_open(bool *has_move);
@@ -143,6 +144,12 @@ struct sp_agent {
 	size_t scratch_used;	/* pages of scratch holding old pages */
 	uint8_t *cmpbuf;	/* 2 * SP_CMP_PAGES pages: moved, pool */
 	int no_vm_read;		/* process_vm_readv refused: compare in place */
+	/* Memory the agent touches while it merges, besides scratch, cmpbuf
+	 * and the region table: its thread's stack and this library's
+	 * segments.  Never merged: the agent would wait on itself. */
+	uintptr_t own[8][2];
+	size_t nown;
+	uint64_t sweep_at_ms, sweep_every_ms;	/* merge_any sweeps */
 	pthread_t thread;
 	int thread_started;
 	struct sp_regions regions;
@@ -162,6 +169,9 @@ int agent_unmerge_all(struct sp_agent *a);
 void agent_recount_maps(struct sp_agent *a);
 void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e);
 int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e);
+bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e);
+void agent_merge_init(void);
+void agent_sweep_any(struct sp_agent *a);
 
 /* raw system calls, never interposed */
 void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,

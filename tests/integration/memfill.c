@@ -7,6 +7,7 @@
  *   map N                 mmap N private anonymous pages (the region)
  *   mapshared N           the same, MAP_SHARED (KSM ignores these)
  *   mapmalloc N           the region from posix_memalign (malloc's mmap)
+ *   freemalloc            free(3) it (glibc unmaps it itself)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
  *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
  *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
@@ -410,6 +411,11 @@ int main(void)
 			} else {
 				printf("err\n");
 			}
+		} else if (!strncmp(line, "freemalloc", 10)) {
+			free(region);
+			region = NULL;
+			npages = 0;
+			printf("ok\n");
 		} else if (!strncmp(line, "merge", 5)) {
 			reply(madvise(region, npages * PG, MADV_MERGEABLE));
 		} else if (!strncmp(line, "unmerge", 7)) {

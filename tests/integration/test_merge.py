@@ -269,6 +269,33 @@ def test_malloc_memory_merges():
         a.ok("check 1 4 1996")
 
 
+def test_prctl_takes_malloc_memory():
+    """After PR_SET_MEMORY_MERGE 1, memory malloc maps itself (unseen by
+    the interposed mmap) is taken too, as KSM takes every new mapping.
+    Freed and allocated again, it is taken again."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.ok("prctl 1")
+            p.addr, p.npages = int(p.ok("mapmalloc 2000"), 16), 2000
+            p.ok("fill 1 0 2000")
+        converge(e.d, "pages_sharing", 2000)
+        check(shared(a, b) == 2000, f"{shared(a, b)} of 2000 shared")
+        a.ok("write 3 1")
+        b.ok("check 1 0 2000")
+        a.ok("check 1 4 1996")
+        a.ok("freemalloc")
+        a.addr, a.npages = int(a.ok("mapmalloc 3000"), 16), 3000
+        a.ok("fill 1 0 3000")
+        converge(e.d, "pages_sharing", 2000)    # onto b's pool pages
+        check(shared(a, b, 0, 2000) == 2000,
+              f"{shared(a, b, 0, 2000)} of 2000 shared after malloc again")
+        a.ok("prctl 0")
+        check(shared(a, b, 0, 2000) == 0, "shared after prctl 0")
+        a.ok("check 1 0 3000")
+        b.ok("check 1 0 2000")
+
+
 def test_refuses_what_ksm_refuses():
     """MAP_SHARED memory is not merged, as KSM ignores it; madvise
     succeeds, as with the kernel."""
@@ -390,6 +417,7 @@ if __name__ == "__main__":
         test_prctl_merge_any,
         test_runs_across_vma_boundaries,
         test_malloc_memory_merges,
+        test_prctl_takes_malloc_memory,
         test_refuses_what_ksm_refuses,
         test_protection_kept,
         test_readonly_writes_fault_during_merge,
