@@ -11,6 +11,7 @@
  * maps internally (malloc) changes behind the interposers' back, so
  * samepage leaves it alone rather than guess.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
 #include <stdarg.h>
@@ -467,6 +468,7 @@ static void forget_unmapped(struct sp_agent *a, uintptr_t s, uintptr_t e)
  */
 void agent_sweep_any(struct sp_agent *a)
 {
+	static int sanitized = -1;
 	static struct segs g;
 	static char line[512];
 	uint64_t t0 = sp_now_ms(), took;
@@ -474,6 +476,20 @@ void agent_sweep_any(struct sp_agent *a)
 	size_t min = a->any_min > SP_PAGE ? a->any_min : SP_PAGE;
 	FILE *f;
 
+	/* A sanitizer's shadow and allocator memory is private anonymous
+	 * too, and every instrumented access (the agent's, or an
+	 * interceptor's on its behalf) touches it: no sweep there. */
+	if (sanitized < 0) {
+		sanitized = dlsym(RTLD_DEFAULT, "__asan_init") ||
+			    dlsym(RTLD_DEFAULT, "__tsan_init");
+		if (sanitized)
+			log_debug("under a sanitizer: merge-any takes only "
+				  "mappings made through mmap");
+	}
+	if (sanitized) {
+		a->sweep_at_ms = UINT64_MAX;
+		return;
+	}
 	g.n = 0;
 	g.full = false;
 	dl_iterate_phdr(add_segments, &g);
