@@ -205,7 +205,7 @@ static void *rowrite_main(void *arg)
 
 	*x = r->id * 104729 + 7;
 	while (now() < r->until) {
-		volatile uint8_t *b;
+		uint8_t *b;
 
 		*x = *x * 6364136223846793005ULL + 1442695040888963407ULL;
 		b = region + (r->first + (*x >> 33) % r->n) * PG +
@@ -214,7 +214,11 @@ static void *rowrite_main(void *arg)
 		if (r->pause_us)
 			usleep((unsigned)(*x >> 40) % r->pause_us);
 		if (sigsetjmp(rowrite_jb, 1) == 0) {
-			*b = (uint8_t)~*b;	/* must fault */
+			/* must fault; atomic, or TSan takes the store it
+			 * records before the fault for a race */
+			__atomic_store_n(b, (uint8_t)~__atomic_load_n(
+						    b, __ATOMIC_RELAXED),
+					 __ATOMIC_RELAXED);
 			r->wrote++;
 		}
 	}
