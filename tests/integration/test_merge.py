@@ -354,6 +354,18 @@ def test_protection_kept():
         b.ok("check 1 1500 1")
 
 
+def readonly_pair(e, n, fault):
+    """Two programs with n equal read-only pages, opted in; the first
+    with SAMEPAGE_FAULT=fault."""
+    ps = [e.proc(env={"SAMEPAGE_FAULT": fault}), e.proc()]
+    for p in ps:
+        p.map(n)
+        p.ok(f"fill 1 0 {n}")
+        p.ok(f"mprotect 0 {n} 1")
+        p.ok("merge")
+    return ps
+
+
 def test_readonly_writes_fault_during_merge():
     """Read-only pages are writable for the kernel while they are merged
     (UFFDIO_MOVE moves only between writable mappings).  Threads try to
@@ -361,13 +373,7 @@ def test_readonly_writes_fault_during_merge():
     try must fault, as without samepage, and no byte may change."""
     n = 1500
     with Env() as e:
-        a = e.proc(env={"SAMEPAGE_FAULT": "delay"})
-        b = e.proc()
-        for p in (a, b):
-            p.map(n)
-            p.ok(f"fill 1 0 {n}")
-            p.ok(f"mprotect 0 {n} 1")
-            p.ok("merge")
+        a, b = readonly_pair(e, n, "delay")
         tries, wrote = map(int, a.ok(f"rowrite 2 6 0 {n}").split())
         check(tries > 1000, f"only {tries} tries")
         check(wrote == 0, f"{wrote} of {tries} writes to read-only pages "
@@ -389,13 +395,7 @@ def test_readonly_pages_put_back_stay_readonly():
     byte may change."""
     n = 600
     with Env() as e:
-        a = e.proc(env={"SAMEPAGE_FAULT": "differ,latedelay"})
-        b = e.proc()
-        for p in (a, b):
-            p.map(n)
-            p.ok(f"fill 1 0 {n}")
-            p.ok(f"mprotect 0 {n} 1")
-            p.ok("merge")
+        a, b = readonly_pair(e, n, "differ,latedelay")
         tries, wrote = map(int, a.ok(f"rowrite 4 5 0 {n} 40000").split())
         changed = int(a.stats()["changed"])
         check(changed >= n, f"only {changed} pages went out and back")
