@@ -225,7 +225,7 @@ static int hello(struct sp_agent *a)
 
 static int map_pool_and_scratch(struct sp_agent *a)
 {
-	size_t slen = SP_SCRATCH_PAGES * SP_PAGE;
+	size_t slen = SP_SCRATCH_MAP;
 
 	if (a->pool)
 		sys_munmap(a->pool, a->pool_bytes);
@@ -317,8 +317,7 @@ bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e)
 
 	rg_storage(&a->regions, &t, &len);
 	if ((s < t + len && e > t) ||
-	    (a->scratch && s < (uintptr_t)a->scratch +
-				       SP_SCRATCH_PAGES * SP_PAGE &&
+	    (a->scratch && s < (uintptr_t)a->scratch + SP_SCRATCH_MAP &&
 	     e > (uintptr_t)a->scratch) ||
 	    (a->cmpbuf && s < (uintptr_t)a->cmpbuf +
 				      2 * SP_CMP_PAGES * SP_PAGE &&
@@ -412,6 +411,8 @@ static int agent_start(struct sp_agent *a)
 fail:
 	close_fd(&a->sock);
 	close_fd(&a->uffd);
+	close_fd(&a->pagemap);
+	close_fd(&a->mapsfd);
 	return r;
 }
 

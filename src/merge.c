@@ -150,6 +150,7 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 	uintptr_t src = (uintptr_t)a->slot + i * SP_PAGE;
 	size_t moved = 0, k;
 	bool no_move = copy || fault("moveback");
+	int r;
 
 	if (!no_move &&
 	    uffd_move(a->uffd, dst, src, n * SP_PAGE, &moved) == 0)
@@ -163,11 +164,14 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 			continue;
 		/* Copy the saved bytes instead; the scratch page is
 		 * dropped with the rest of the scratch area later. */
-		if (uffd_copy(a->uffd, d, s, SP_PAGE) == 0)
+		r = uffd_copy(a->uffd, d, s, SP_PAGE);
+		if (r == 0)
 			continue;
-		/* Unmapped meanwhile by a raw munmap that bypassed the
-		 * lock: the page belongs to nobody now. */
-		if (!mapped(d, SP_PAGE))
+		/* ENOENT: no VMA of ours there any more.  A raw munmap
+		 * that bypassed the lock (libc's own, in free(3)) took the
+		 * range, and maybe a raw mmap put a fresh mapping there,
+		 * which is the program's: the page belongs to nobody. */
+		if (r == -ENOENT)
 			continue;
 		log_warn("cannot restore page %#lx", (unsigned long)d);
 		SP_ASSERT(!"page could not be restored");
@@ -340,6 +344,27 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 }
 
 /*
+ * Is [addr, addr + n pages) still the empty, registered hole this merge
+ * made?  A raw munmap(2) that bypassed the lock (libc's own, when free(3)
+ * returns a big block) may have taken it since, and a raw mmap may have
+ * put a fresh mapping there, which is the program's: the pool must not
+ * be mapped over it.  A run across a VMA boundary is asked page by page.
+ * Only the instant between this and the mmap stays open.
+ */
+static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n)
+{
+	uintptr_t hole = (uintptr_t)a->scratch + SP_SCRATCH_PAGES * SP_PAGE;
+	int r = uffd_is_hole(a->uffd, addr, hole, n * SP_PAGE);
+
+	if (r != -EINVAL || n == 1)
+		return r == 0;
+	for (size_t i = 0; i < n; i++)
+		if (uffd_is_hole(a->uffd, addr + i * SP_PAGE, hole, SP_PAGE))
+			return false;
+	return true;
+}
+
+/*
  * Map pool pages [pgoff, pgoff + n) over the hole at addr.  Their content
  * was compared byte for byte with the moved-out pages before (compare),
  * and the pool is not written while leased, so the program can only ever
@@ -364,7 +389,7 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 		a->figs.budget_refusals += n;
 		return -ENOMEM;
 	}
-	if (!mapped(addr, len))		/* do not map over a hole it left */
+	if (!still_ours(a, addr, n))	/* never over the program's own */
 		return -ENOENT;
 	/* The raw system call, not the next mmap: for the program these
 	 * bytes do not change, and a sanitizer's interceptor would take the
@@ -606,7 +631,7 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res)
 {
 	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
-	uint8_t back[SP_ITEM_PAGES];	/* in scratch, to be put back */
+	uint8_t back[SP_ITEM_PAGES] = { 0 };	/* to put back, read-only */
 	size_t n = it->npages, len = n * SP_PAGE, i, j;
 	bool ro;
 	int r, r2;
@@ -649,9 +674,9 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		r2 = eq[i] ? merge_run(a, it, i, j, res) : 0;
 		if (r2 > 0)
 			set_bits(res, i, j - i);
-		for (size_t k = i; k < j; k++)
-			back[k] = r2 == 0 && in[k];
-		if (r2 == 0 && !ro)
+		if (r2 == 0 && ro)	/* after ro_close, below */
+			memcpy(back + i, in + i, j - i);
+		else if (r2 == 0)
 			restore(a, it->addr, in, i, j, false);
 	}
 	if (fault("latedelay"))

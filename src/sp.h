@@ -116,12 +116,16 @@ int uffd_move(int uffd, uintptr_t dst, uintptr_t src, size_t len,
 	      size_t *moved);
 int uffd_zeropage(int uffd, uintptr_t s, size_t len);
 int uffd_copy(int uffd, uintptr_t dst, uintptr_t src, size_t len);
+int uffd_is_hole(int uffd, uintptr_t dst, uintptr_t hole, size_t len);
 
 /* ---- agent.c / merge.c / interpose.c -------------------------------- */
 /* Scratch pages: pages moved out of merged items stay here until the
  * batch ends or the area is full, then go in one MADV_DONTNEED (one TLB
  * flush, not one per item). */
 #define SP_SCRATCH_PAGES (4 * SP_ITEM_PAGES)
+/* After them, SP_ITEM_PAGES pages that stay empty: the source of the
+ * moves of nothing that tell whether a range is still ours (merge.c). */
+#define SP_SCRATCH_MAP ((SP_SCRATCH_PAGES + SP_ITEM_PAGES) * SP_PAGE)
 /* Pages compared at a time, through copies made by the kernel. */
 #define SP_CMP_PAGES 64
 
@@ -139,7 +143,7 @@ struct sp_agent {
 	uint8_t *pool;		/* read-only view of the pool */
 	uint64_t pool_bytes;
 	unsigned warned_pool;	/* "outside the pool" said once */
-	uint8_t *scratch;	/* SP_SCRATCH_PAGES pages, registered */
+	uint8_t *scratch;	/* SP_SCRATCH_MAP bytes, registered */
 	uint8_t *slot;		/* the current item's part of scratch */
 	size_t scratch_used;	/* pages of scratch holding old pages */
 	uint8_t *cmpbuf;	/* 2 * SP_CMP_PAGES pages: moved, pool */

@@ -148,3 +148,21 @@ int uffd_copy(int uffd, uintptr_t dst, uintptr_t src, size_t len)
 
 	return ioctl(uffd, UFFDIO_COPY, &c) < 0 ? -errno : 0;
 }
+
+/*
+ * Is [dst, dst + len) empty and in one VMA registered with this
+ * userfaultfd?  A move of nothing (from hole, an empty registered range,
+ * holes allowed) checks exactly that: 0 if so; -EINVAL where the VMA is
+ * not ours (or the range crosses a VMA boundary), -ENOENT where nothing
+ * is mapped, -EEXIST where a page is present.
+ */
+int uffd_is_hole(int uffd, uintptr_t dst, uintptr_t hole, size_t len)
+{
+	struct uffdio_move m = {
+		.dst = dst, .src = hole, .len = len,
+		.mode = UFFDIO_MOVE_MODE_DONTWAKE |
+			UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
+	};
+
+	return ioctl(uffd, UFFDIO_MOVE, &m) < 0 ? -errno : 0;
+}

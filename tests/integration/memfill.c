@@ -22,6 +22,9 @@
  *                         growing it in place is impossible
  *   munmap FIRST N        unmap part of the region
  *   rawunmap FIRST N      the same with syscall(2), bypassing libc
+ *   rawremap FIRST N      raw munmap, then a fresh anonymous mapping in
+ *                         its place by raw mmap (free(3) and malloc(3)
+ *                         do that, bypassing the interposers)
  *   mremap N              move/resize the region; answers the address
  *   hammer T SECONDS      T threads write, read back and restore words
  *                         in random pages; "ok WRITES LOST"
@@ -461,6 +464,18 @@ int main(void)
 		} else if (sscanf(line, "rawunmap %lu %lu", &x, &y) == 2) {
 			reply((int)syscall(SYS_munmap, region + x * PG,
 					   y * PG));
+		} else if (sscanf(line, "rawremap %lu %lu", &x, &y) == 2) {
+			void *at = region + x * PG;
+
+			if (syscall(SYS_munmap, at, y * PG) < 0 ||
+			    (void *)syscall(SYS_mmap, at, y * PG,
+					    PROT_READ | PROT_WRITE,
+					    MAP_PRIVATE | MAP_ANONYMOUS |
+						    MAP_FIXED_NOREPLACE,
+					    -1, 0) != at)
+				printf("err\n");
+			else
+				printf("ok\n");
 		} else if (sscanf(line, "munmap %lu %lu", &x, &y) == 2) {
 			reply(munmap(region + x * PG, y * PG));
 		} else if (sscanf(line, "mremap %lu", &x) == 1) {

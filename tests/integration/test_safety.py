@@ -190,6 +190,35 @@ def test_raw_munmap_during_merge():
         check(e.d.proc.poll() is None, "daemon died")
 
 
+def test_raw_remap_during_merge():
+    """What free(3) and malloc(3) do behind the interposers: a raw munmap
+    and a fresh mapping in the same place by raw mmap, while pages there
+    are out for comparison (each merge held open 200 ms).  The fresh
+    mapping is the program's: it reads zeros, keeps what the program
+    writes into it at once, and no pool page is mapped over it.  The
+    program lives and the rest is intact."""
+    n = 4000
+    with Env() as e:
+        a = e.proc(env={"SAMEPAGE_FAULT": "delay"})
+        b = e.proc()
+        for p in (a, b):
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+            p.ok("merge")
+        spots = range(0, n, 400)
+        for first in spots:
+            time.sleep(0.1)
+            a.ok(f"rawremap {first} 100")
+            a.ok(f"fill 2 {first} 50")      # the program's new data
+        time.sleep(1.5)
+        for first in spots:
+            a.ok(f"check 2 {first} 50")
+            a.ok(f"check 0 {first + 50} 50")
+            a.ok(f"check 1 {first + 100} 300")
+        b.ok(f"check 1 0 {n}")
+        check(e.d.proc.poll() is None, "daemon died")
+
+
 def test_kill_daemon_mid_merge():
     """kill -9 of the daemon at several points of merging: every byte
     stays, merged pages stay valid and copy-on-write, merging stops."""
@@ -362,6 +391,7 @@ if __name__ == "__main__":
         test_munmap_mremap_dontneed_while_merging,
         test_mremap_grow_keeps_pages,
         test_raw_munmap_during_merge,
+        test_raw_remap_during_merge,
         test_kill_daemon_mid_merge,
         test_verify_failures_restore_pages,
         test_stopped_client_does_not_hold_up_others,
