@@ -7,9 +7,10 @@
  * (MADV_MERGEABLE/UNMERGEABLE) and prctl(PR_SET/GET_MEMORY_MERGE) are
  * answered here and never reach the kernel's KSM.
  *
- * Only mappings made through these calls are merged: memory that glibc
- * maps internally (malloc) changes behind the interposers' back, so
- * samepage leaves it alone rather than guess.
+ * Memory glibc maps itself (malloc) is known only from /proc/self/maps:
+ * it is taken when the program madvises it, and by merge-any's sweep
+ * (agent_sweep_any).  Its munmap and mmap bypass the lock, so merge.c
+ * checks that a range is still its own before it maps pool pages there.
  */
 #include <dlfcn.h>
 #include <errno.h>
