@@ -252,21 +252,31 @@ def test_runs_across_vma_boundaries():
             p.ok("check 1 0 2000")
 
 
+def mapmalloc(p, n):
+    """p's region becomes n pages from posix_memalign."""
+    p.addr, p.npages = int(p.ok(f"mapmalloc {n}"), 16), n
+
+
+def shared_then_cow(e, a, b, n):
+    """a and b come to share their n equal pages; then a write to one of
+    a's is a's alone."""
+    converge(e.d, "pages_sharing", n)
+    check(shared(a, b) == n, f"{shared(a, b)} of {n} shared")
+    a.ok("write 3 1")
+    b.ok(f"check 1 0 {n}")
+    a.ok(f"check 1 4 {n - 4}")
+
+
 def test_malloc_memory_merges():
     """Memory from posix_memalign (glibc maps it itself, unseen by the
     interposer) merges once madvise'd, as with the kernel."""
     with Env() as e:
         a, b = e.proc(), e.proc()
         for p in (a, b):
-            a_ = int(p.ok("mapmalloc 2000"), 16)
-            p.addr, p.npages = a_, 2000
+            mapmalloc(p, 2000)
             p.ok("fill 1 0 2000")
             p.ok("merge")
-        converge(e.d, "pages_sharing", 2000)
-        check(shared(a, b) == 2000, f"{shared(a, b)} of 2000 shared")
-        a.ok("write 3 1")
-        b.ok("check 1 0 2000")
-        a.ok("check 1 4 1996")
+        shared_then_cow(e, a, b, 2000)
 
 
 def test_prctl_takes_malloc_memory():
@@ -281,15 +291,11 @@ def test_prctl_takes_malloc_memory():
         a, b = e.proc(), e.proc()
         for p in (a, b):
             p.ok("prctl 1")
-            p.addr, p.npages = int(p.ok("mapmalloc 2000"), 16), 2000
+            mapmalloc(p, 2000)
             p.ok("fill 1 0 2000")
-        converge(e.d, "pages_sharing", 2000)
-        check(shared(a, b) == 2000, f"{shared(a, b)} of 2000 shared")
-        a.ok("write 3 1")
-        b.ok("check 1 0 2000")
-        a.ok("check 1 4 1996")
+        shared_then_cow(e, a, b, 2000)
         a.ok("freemalloc")
-        a.addr, a.npages = int(a.ok("mapmalloc 3000"), 16), 3000
+        mapmalloc(a, 3000)
         a.ok("fill 1 0 3000")
         converge(e.d, "pages_sharing", 2000)    # onto b's pool pages
         check(shared(a, b, 0, 2000) == 2000,
@@ -352,6 +358,16 @@ def test_protection_kept():
         # and the read-write half still takes writes, each its own
         a.ok("write 1500 9")
         b.ok("check 1 1500 1")
+        # unmerged (copy-on-write broken through /proc/self/mem, as the
+        # range cannot be written), it stays read-only and intact
+        a.ok("unmerge")
+        check(shared(a, b, 0, 1000) == 0, "read-only half shared after "
+              "MADV_UNMERGEABLE")
+        check(region_perms(a, 1000) == {"r--p"},
+              f"read-only half mapped {region_perms(a, 1000)} after unmerge")
+        a.ok("check 1 0 1000")
+        check(a.ok("rowrite 1 1 0 1000").split()[1] == "0",
+              "a write to the unmerged read-only half went in")
 
 
 def readonly_pair(e, n, fault):
