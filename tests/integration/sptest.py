@@ -229,9 +229,12 @@ class Env:
             return f.read()
 
 
-def twins(env, n, seed=1, **kw):
-    """Two processes with n identical pages, opted in."""
-    ps = [env.proc(**kw) for _ in range(2)]
+def twins(env, n, seed=1, fault=None, **kw):
+    """Two processes with n identical pages, opted in; the first with
+    SAMEPAGE_FAULT=fault, if given."""
+    ps = [env.proc(**kw, **({"env": {"SAMEPAGE_FAULT": fault}}
+                            if fault and not i else {}))
+          for i in range(2)]
     for p in ps:
         p.map(n)
         p.ok(f"fill {seed} 0 {n}")

@@ -164,12 +164,7 @@ def test_raw_munmap_during_merge():
     unmapped."""
     n = 4000
     with Env() as e:
-        a = e.proc(env={"SAMEPAGE_FAULT": "delay"})
-        b = e.proc()
-        for p in (a, b):
-            p.map(n)
-            p.ok(f"fill 1 0 {n}")
-            p.ok("merge")
+        a, b = twins(e, n, fault="delay")
         gone = []
         for first in range(0, n, 400):
             time.sleep(0.1)
@@ -199,12 +194,7 @@ def test_raw_remap_during_merge():
     program lives and the rest is intact."""
     n = 4000
     with Env() as e:
-        a = e.proc(env={"SAMEPAGE_FAULT": "delay"})
-        b = e.proc()
-        for p in (a, b):
-            p.map(n)
-            p.ok(f"fill 1 0 {n}")
-            p.ok("merge")
+        a, b = twins(e, n, fault="delay")
         spots = range(0, n, 400)
         for first in spots:
             time.sleep(0.1)
