@@ -339,8 +339,8 @@ static void register_all(struct sp_agent *a)
 
 static int open_uffd(struct sp_agent *a)
 {
-	bool has_move = false;
-	int fd = uffd_open(&has_move);
+	bool has_move = false, shmem_wp = false;
+	int fd = uffd_open(&has_move, &shmem_wp);
 
 	if (fd < 0) {
 		errno = -fd;
@@ -356,6 +356,7 @@ static int open_uffd(struct sp_agent *a)
 	}
 	a->uffd = fd;
 	a->safety = 1;
+	a->shmem_wp = shmem_wp;
 	return 0;
 }
 

@@ -53,7 +53,8 @@
 static const uint64_t recount_every = 512;
 
 /* Fault injection for tests:
- * SAMEPAGE_FAULT=verify|map|moveback|delay|latedelay|differ|inplace.
+ * SAMEPAGE_FAULT=verify|map|moveback|delay|latedelay|differ|inplace|
+ * slowunmerge.  Matched with strstr: latedelay brings delay too.
  * Read once; merges run one at a time under the agent lock. */
 static bool fault(const char *what)
 {
@@ -692,6 +693,76 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	return r;
 }
 
+/*
+ * Unmerging gives pages private copies again.  Broken in place (break_cow)
+ * they would stay in a mapping of the pool file, where UFFDIO_MOVE cannot
+ * take them: they could never merge again.  So a run of pool pages is
+ * copied into a fresh anonymous mapping, and mremap(2) puts that in the
+ * run's place in one step.  Meanwhile the program's writes to the run
+ * wait in the kernel (userfaultfd write-protection of the pool mapping,
+ * shmem, Linux 5.19); reads go on, of the same bytes.  Only pool pages:
+ * a pin for writing (O_DIRECT into the page, io_uring) breaks
+ * copy-on-write first, so no device can be writing into a page that is
+ * replaced here.  Pages the program made private by writing are left
+ * where they are, private already.  false: nothing was changed.
+ */
+static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
+{
+	size_t len = n * SP_PAGE;
+	uint64_t pm[SP_ITEM_PAGES];
+	int prot = run_prot(a, p, len);
+	bool rw = prot == (PROT_READ | PROT_WRITE), ok = false;
+	struct iovec lio, rio;
+	long t = -1;
+
+	if (prot < 0 || (rw && !a->shmem_wp))
+		return false;
+	if (rw && uffd_register_wp(a->uffd, p, len) < 0)
+		return false;
+	if (rw && uffd_writeprotect(a->uffd, p, len) < 0)
+		goto out;
+	/* read after the write-protection: no page was made private since */
+	if (sp_pagemap_read(a->pagemap, p, n, pm) < 0)
+		goto out;
+	for (size_t i = 0; i < n; i++)
+		if ((pm[i] & (PM_PRESENT | PM_FILE)) != (PM_PRESENT | PM_FILE))
+			goto out;
+	/* Raw system calls: a sanitizer's interceptors would take these
+	 * bytes for the agent's, and the program's later use for races. */
+	t = syscall(SYS_mmap, 0, len, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (t == -1)
+		goto out;
+	lio.iov_base = (void *)t;
+	rio.iov_base = (void *)p;
+	lio.iov_len = rio.iov_len = len;
+	if (syscall(SYS_process_vm_readv, a->pid, &lio, 1, &rio, 1, 0) !=
+	    (long)len)
+		goto out;
+	if (n >= 64 && fault("slowunmerge"))
+		usleep(20000);	/* widen the window for tests */
+	if (!rw && syscall(SYS_mprotect, t, len, prot) < 0)
+		goto out;
+	/* Still the registered pool mapping?  (A raw munmap and mmap may
+	 * have replaced it; only the instant until mremap stays open.) */
+	if (rw && uffd_writeprotect(a->uffd, p, len) < 0)
+		goto out;
+	if (syscall(SYS_mremap, t, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
+		    p) != (long)p)
+		goto out;
+	t = -1;
+	reapply_flags(a, p, len);
+	ok = true;
+out:
+	if (t != -1)
+		syscall(SYS_munmap, t, len);
+	if (rw) {
+		uffd_wake(a->uffd, p, len);
+		uffd_unregister(a->uffd, p, len);	/* if it failed */
+	}
+	return ok;
+}
+
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
 {
 	uint64_t pm[SP_ITEM_PAGES];
@@ -703,19 +774,26 @@ int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
 			n = SP_ITEM_PAGES;
 		if (sp_pagemap_read(a->pagemap, s, n, pm) < 0)
 			return -EIO;
+		/* 2: a pool page; 1: the shared zero page; 0: private */
 		for (i = 0; i < n; i++) {
-			bool shared = (pm[i] & PM_PRESENT) &&
-				      ((pm[i] & PM_FILE) ||
-				       (!(pm[i] & PM_EXCL) &&
-					sp_page_is_zero((void *)(s + i * SP_PAGE))));
-
-			pm[i] = shared;
+			if (!(pm[i] & PM_PRESENT))
+				pm[i] = 0;
+			else if (pm[i] & PM_FILE)
+				pm[i] = 2;
+			else
+				pm[i] = !(pm[i] & PM_EXCL) &&
+					sp_page_is_zero((void *)(s + i *
+								 SP_PAGE));
 		}
 		for (i = 0; i < n; i = j) {
+			uintptr_t p = s + i * SP_PAGE;
+
 			for (j = i + 1; j < n && pm[j] == pm[i]; j++)
 				;
+			if (pm[i] == 2 && anonymize(a, p, j - i))
+				continue;
 			if (pm[i])
-				break_cow(a, s + i * SP_PAGE, j - i);
+				break_cow(a, p, j - i);
 		}
 		s += n * SP_PAGE;
 	}

@@ -106,8 +106,9 @@ void rg_free(struct sp_regions *rs);
 void rg_storage(const struct sp_regions *rs, uintptr_t *s, size_t *len);
 
 /* ---- uffd.c: userfaultfd ABI and thin wrappers ---------------------- */
-int uffd_open(bool *has_move);
+int uffd_open(bool *has_move, bool *shmem_wp);
 int uffd_register(int uffd, uintptr_t s, size_t len, bool wp);
+int uffd_register_wp(int uffd, uintptr_t s, size_t len);
 int uffd_writeprotect(int uffd, uintptr_t s, size_t len);
 int uffd_unregister(int uffd, uintptr_t s, size_t len);
 int uffd_wake(int uffd, uintptr_t s, size_t len);
@@ -136,6 +137,7 @@ struct sp_agent {
 	int active;		/* connected and merging */
 	int sock, uffd, poolfd, pagemap, mapsfd, wakefd[2];
 	int safety;		/* 1: UFFDIO_MOVE */
+	int shmem_wp;		/* pool mappings can be write-protected */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
 	size_t any_min;		/* smallest mapping merge_any takes */
 	pid_t daemon_pid, pid;

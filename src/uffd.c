@@ -46,7 +46,7 @@ static int uffd_new(void)
 	return fd < 0 ? -errno : fd;
 }
 
-int uffd_open(bool *has_move)
+int uffd_open(bool *has_move, bool *shmem_wp)
 {
 	struct uffdio_api api = { .api = UFFD_API };
 	int fd = uffd_new();
@@ -61,12 +61,14 @@ int uffd_open(bool *has_move)
 		return err;
 	}
 	*has_move = (api.features & UFFD_FEATURE_MOVE) != 0;
+	*shmem_wp = (api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) != 0;
 	close(fd);
 	fd = uffd_new();
 	if (fd < 0)
 		return fd;
 	api.api = UFFD_API;
-	api.features = *has_move ? UFFD_FEATURE_MOVE : 0;
+	api.features = (*has_move ? UFFD_FEATURE_MOVE : 0) |
+		       (*shmem_wp ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : 0);
 	if (ioctl(fd, UFFDIO_API, &api) < 0) {
 		int err = -errno;
 
@@ -83,6 +85,17 @@ int uffd_register(int uffd, uintptr_t s, size_t len, bool wp)
 		.range = { s, len },
 		.mode = UFFDIO_REGISTER_MODE_MISSING |
 			(wp ? UFFDIO_REGISTER_MODE_WP : 0),
+	};
+
+	return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
+}
+
+/* Write-protect mode only: for a pool mapping (shmem, Linux 5.19). */
+int uffd_register_wp(int uffd, uintptr_t s, size_t len)
+{
+	struct uffdio_register r = {
+		.range = { s, len },
+		.mode = UFFDIO_REGISTER_MODE_WP,
 	};
 
 	return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;

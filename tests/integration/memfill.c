@@ -26,8 +26,14 @@
  *                         its place by raw mmap (free(3) and malloc(3)
  *                         do that, bypassing the interposers)
  *   mremap N              move/resize the region; answers the address
- *   hammer T SECONDS      T threads write, read back and restore words
- *                         in random pages; "ok WRITES LOST"
+ *   hammer T SECONDS [keep [PAUSE_US]]
+ *                         T threads write, read back and restore words
+ *                         in random pages; "ok WRITES LOST".  With keep,
+ *                         a thread's word in a page keeps the last value
+ *                         it wrote until the end, when each is checked
+ *                         and then restored: a write lost any time
+ *                         after it was read back counts too.  PAUSE_US
+ *                         between writes leaves most pages unwritten
  *   rowrite T SECONDS FIRST N [PAUSE_US]
  *                         T threads try to write random pages of
  *                         [FIRST, FIRST + N), which should be read-only,
@@ -56,6 +62,7 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,6 +128,8 @@ struct hammer {
 	unsigned id;
 	double until;
 	uint64_t writes, lost;
+	uint64_t *last, *orig;	/* keep: per page, 0 = not written */
+	unsigned pause_us;
 };
 
 static double now(void)
@@ -133,6 +142,36 @@ static double now(void)
 
 /* Thread id owns words id, id + T, ...: no two threads share a word. */
 static atomic_uint nthreads;
+
+/* keep: thread id's word in page p is word id; stamps are never 0 */
+static void hammer_keep(struct hammer *h, size_t p)
+{
+	volatile uint64_t *w = (volatile uint64_t *)(region + p * PG) + h->id;
+	uint64_t v = ((uint64_t)(h->id + 1) << 48) + ++h->writes;
+
+	if (!h->last[p])
+		h->orig[p] = *w;
+	*w = v;
+	if (*w != v)
+		h->lost++;
+	h->last[p] = v;
+}
+
+static void hammer_settle(struct hammer *h)
+{
+	for (size_t p = 0; p < npages; p++) {
+		volatile uint64_t *w =
+			(volatile uint64_t *)(region + p * PG) + h->id;
+
+		if (!h->last[p])
+			continue;
+		if (*w != h->last[p])
+			h->lost++;
+		*w = h->orig[p];
+	}
+	free(h->last);
+	free(h->orig);
+}
 
 static void *hammer_main(void *arg)
 {
@@ -149,6 +188,12 @@ static void *hammer_main(void *arg)
 			x = x * 6364136223846793005ULL + 1442695040888963407ULL;
 			p = (x >> 33) % npages;
 			word = h->id + T * ((x >> 20) % (PG / 8 / T));
+			if (h->last) {
+				hammer_keep(h, p);
+				if (h->pause_us)
+					usleep(h->pause_us);
+				continue;
+			}
 			w = (volatile uint64_t *)(region + p * PG) + word;
 			old = *w;
 			*w = v;
@@ -163,7 +208,8 @@ static void *hammer_main(void *arg)
 	return NULL;
 }
 
-static void cmd_hammer(unsigned t, double secs)
+static void cmd_hammer(unsigned t, double secs, bool keep,
+		       unsigned pause_us)
 {
 	struct hammer h[16];
 	uint64_t writes = 0, lost = 0;
@@ -172,11 +218,22 @@ static void cmd_hammer(unsigned t, double secs)
 		t = 16;
 	atomic_store(&nthreads, t);
 	for (unsigned i = 0; i < t; i++) {
-		h[i] = (struct hammer){ .id = i, .until = now() + secs };
+		h[i] = (struct hammer){ .id = i, .until = now() + secs,
+					.pause_us = pause_us };
+		if (keep) {
+			h[i].last = calloc(npages, sizeof(uint64_t));
+			h[i].orig = calloc(npages, sizeof(uint64_t));
+			if (!h[i].last || !h[i].orig) {
+				printf("err nomem\n");
+				exit(1);
+			}
+		}
 		pthread_create(&h[i].t, NULL, hammer_main, &h[i]);
 	}
 	for (unsigned i = 0; i < t; i++) {
 		pthread_join(h[i].t, NULL);
+		if (keep)
+			hammer_settle(&h[i]);
 		writes += h[i].writes;
 		lost += h[i].lost;
 	}
@@ -488,8 +545,11 @@ int main(void)
 				npages = x;
 				printf("ok %p\n", p);
 			}
-		} else if (sscanf(line, "hammer %lu %lu", &x, &y) == 2) {
-			cmd_hammer((unsigned)x, (double)y);
+		} else if ((k = sscanf(line, "hammer %lu %lu keep %lu", &x,
+				       &y, &z)) >= 2) {
+			cmd_hammer((unsigned)x, (double)y,
+				   strstr(line, "keep") != NULL,
+				   k == 3 ? (unsigned)z : 0);
 		} else if ((k = sscanf(line, "rowrite %lu %lu %lu %lu %lu", &x,
 				       &y, &z, &w, &v)) >= 4) {
 			cmd_rowrite((unsigned)x, (double)y, z, w,

@@ -58,6 +58,12 @@ def meminfo():
     return d
 
 
+def pool_vmas(pid):
+    """Pool mappings in a client, less its read-only view of the pool."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if "samepage-pool" in line) - 1
+
+
 def map_count(pid):
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for _ in f)

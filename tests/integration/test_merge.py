@@ -8,13 +8,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import (PAGE, Env, Skip, check, converge, meminfo,  # noqa: E402
-                    run_tests, sanitizer_build, shared, twins, wait_for)
-
-
-def pool_vmas(pid):
-    """Pool mappings in a client, less its read-only view of the pool."""
-    with open(f"/proc/{pid}/maps") as f:
-        return sum(1 for line in f if "samepage-pool" in line) - 1
+                    pool_vmas, run_tests, sanitizer_build, shared, twins,
+                    wait_for)
 
 
 def test_two_processes_share(env=None):
@@ -181,16 +176,18 @@ def test_unmerge_run2():
             p.ok("check 1 0 3000")
             excl = sum(1 for m in p.pagemap() if m[0] and m[2] and not m[1])
             check(excl == 3000, f"{excl} of 3000 pages private anonymous")
+            # in anonymous mappings again, not the pool's: they can merge
+            check(pool_vmas(p.pid) == 0,
+                  f"{pool_vmas(p.pid)} pool mappings left after run=2")
         # nothing merges while run=0
         c, d = twins(e, 1000, seed=5)
         time.sleep(1)
         check(shared(c, d) == 0, "merged while run=0")
         e.d.set(run=1)
-        converge(e.d, "pages_sharing", 1000)
+        converge(e.d, "pages_sharing", 4000)
         check(shared(c, d) == 1000, "not merged after run=1")
-        # Pages once merged live in a file-backed VMA now, which
-        # UFFDIO_MOVE refuses: they stay private (docs/design.md).
-        check(shared(a, b) == 0, "unmerged pages merged again")
+        check(shared(a, b) == 3000,
+              f"{shared(a, b)} of 3000 unmerged pages merged again")
         for p in (a, b, c, d):
             p.ok(f"check {5 if p in (c, d) else 1} 0 {p.npages}")
 
@@ -209,6 +206,13 @@ def test_unmerge_madvise():
         check(st, "pages_sharing not 0 after unmerge")
         time.sleep(0.5)
         check(shared(a, b) == 0, "merged again after MADV_UNMERGEABLE")
+        # as under KSM, opting in again merges them again
+        a.ok("merge")
+        converge(e.d, "pages_sharing", 3000)
+        check(shared(a, b) == 3000, f"{shared(a, b)} of 3000 shared after "
+              "MADV_MERGEABLE again")
+        a.ok("check 1 0 3000")
+        b.ok("check 1 0 3000")
 
 
 def test_prctl_merge_any():

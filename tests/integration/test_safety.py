@@ -9,7 +9,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import (MEMFILL, PAGE, Env, Skip, check, converge,  # noqa: E402
-                    map_count, run_tests, shared, twins, wait_for)
+                    map_count, pool_vmas, run_tests, shared, twins,
+                    wait_for)
 
 
 def test_hammer_no_lost_writes():
@@ -32,6 +33,38 @@ def test_hammer_no_lost_writes():
         b.ok(f"check 1 0 {n}")
         print(f"  {writes} writes, {merged_during} pages merged meanwhile",
               flush=True)
+
+
+def test_unmerge_while_writing():
+    """Unmerging copies pool pages into fresh anonymous mappings that
+    replace them (so that they can merge again); writer threads hammer
+    the pages meanwhile.  SAMEPAGE_FAULT=slowunmerge holds each copy of
+    64 pages or more 20 ms before it replaces the pages.  No write may be lost."""
+    n = 20000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        writes = lost = 0
+        for rnd in range(3):
+            a, b = twins(e, n, seed=rnd + 1, fault="slowunmerge")
+            converge(e.d, "pages_sharing", n)
+            a.p.stdin.write("hammer 2 2 keep 400\n")
+            a.p.stdin.flush()
+            time.sleep(0.1)
+            e.d.set(run=2)  # returns once every client has unmerged
+            out = a.p.stdout.readline().strip()
+            check(out.startswith("ok "), f"hammer -> {out}")
+            w, lo = (int(x) for x in out.split()[1:])
+            writes += w
+            lost += lo
+            check(lost == 0, f"round {rnd}: {lost} of {writes} writes lost")
+            a.ok(f"check {rnd + 1} 0 {n}")  # every word was restored
+            b.ok(f"check {rnd + 1} 0 {n}")
+            check(shared(a, b) == 0, "pages shared after run=2")
+            check(pool_vmas(b.pid) == 0,
+                  f"{pool_vmas(b.pid)} pool mappings left in B")
+            e.d.set(run=1)
+            for p in (a, b):
+                p.quit()
+        print(f"  {writes} writes during unmerges", flush=True)
 
 
 def pinned_twins(e):
@@ -375,6 +408,7 @@ def test_map_budget():
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_hammer_no_lost_writes,
+        test_unmerge_while_writing,
         test_pinned_never_merged,
         test_fork_child_and_gc,
         test_exec_stays_under_samepage,
