@@ -68,7 +68,7 @@ static int start_daemon(void)
 	if (pid < 0)
 		return -errno;
 	if (pid == 0) {
-		execl(exe, "samepaged", "-s", sock_path, "-i",
+		execl(exe, "samepaged", "--autostart", "-s", sock_path, "-i",
 		      idle ? idle : idle_exit_default, (char *)NULL);
 		fprintf(stderr, "samepage: cannot run %s: %s\n", exe,
 			strerror(errno));

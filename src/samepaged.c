@@ -372,6 +372,8 @@ static void accept_client(void)
 	D.clients = c;
 }
 
+static int autostart;		/* --autostart: started by samepage(1) */
+
 static int open_socket(void)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -385,7 +387,11 @@ static int open_socket(void)
 	snprintf(lock, sizeof(lock), "%s.lock", sock_path);
 	fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
 	if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) < 0) {
-		log_warnx("another samepaged is running on %s", sock_path);
+		/* started by samepage(1) for a program, and another program's
+		 * start won: that daemon serves both, nothing to say */
+		if (!autostart)
+			log_warnx("another samepaged is running on %s",
+				  sock_path);
 		return -2;
 	}
 	/* fd stays open, and locked, for the daemon's life */
@@ -517,6 +523,7 @@ static void daemonize(void)
 int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
+		{ "autostart", no_argument, NULL, 'A' },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "idle-exit", required_argument, NULL, 'i' },
@@ -530,6 +537,7 @@ int main(int argc, char **argv)
 
 	while ((ch = getopt_long(argc, argv, "dfhi:o:s:v", lo, NULL)) != -1) {
 		switch (ch) {
+		case 'A': autostart = 1; break;
 		case 'd': case 'f': foreground = 1; break;
 		case 'i': idle_exit_s = atol(optarg); break;
 		case 'o': apply_option(optarg); break;

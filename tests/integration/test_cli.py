@@ -91,6 +91,17 @@ def test_autostart_and_idle_exit():
         gone = wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
         check(gone, "auto-started daemon did not leave when idle")
         check(sp("status", env=env).returncode != 0, "status with no daemon")
+        # Programs started at once race to start the daemon: one wins,
+        # all are served, and the losers' starts say nothing.
+        ps = [Proc(env=env) for _ in range(8)]
+        for q in ps:
+            q.map(10)
+            q.ok("merge")
+            check(q.stats()["active"] == "1", "agent not active")
+        for q in ps:
+            check(q.quit() == 0, "program failed")
+            check("another samepaged" not in q.stderr,
+                  f"a lost start race spoke: {q.stderr.strip()}")
     finally:
         if p.p.poll() is None:
             p.p.kill()
