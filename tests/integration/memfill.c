@@ -39,6 +39,13 @@
  *                         [FIRST, FIRST + N), which should be read-only,
  *                         pausing up to PAUSE_US between tries; each try
  *                         must fault.  "ok TRIES WROTE"
+ *   mkfile FILE           write FILE as big as the region, page p
+ *                         holding pattern(7, p), and sync it
+ *   direct T SECONDS FILE T threads O_DIRECT-read random pages of FILE
+ *                         (thread i: pages i, i + T, ...) into the
+ *                         same pages of the region (the device
+ *                         writes them, pinned), check each and restore
+ *                         it (pattern 1); "ok READS BAD"
  *   pin FIRST N           register pages as io_uring fixed buffers
  *   uread FILE FIRST      IORING_OP_READ_FIXED from FILE into page FIRST
  *                         of the pinned range, at the address it was
@@ -311,6 +318,84 @@ static void cmd_rowrite(unsigned t, double secs, size_t first, size_t n,
 	       (unsigned long long)wrote);
 }
 
+struct direct {
+	pthread_t t;
+	unsigned id, nt;
+	int fd;
+	double until;
+	uint64_t reads, bad;
+};
+
+static void *direct_main(void *arg)
+{
+	struct direct *d = arg;
+	uint64_t x = d->id * 104729 + 7;
+	uint8_t want[PG];
+
+	while (now() < d->until) {
+		size_t p;
+		uint8_t *pg;
+
+		/* thread id takes pages id, id + T, ...: none shares a page */
+		x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+		p = (x >> 33) % (npages / d->nt) * d->nt + d->id;
+		pg = region + p * PG;
+		pattern(want, 7, p);
+		if (pread(d->fd, pg, PG, (off_t)(p * PG)) != (ssize_t)PG ||
+		    memcmp(pg, want, PG) != 0)
+			d->bad++;
+		pattern(pg, 1, p);
+		d->reads++;
+	}
+	return NULL;
+}
+
+static void cmd_mkfile(const char *file)
+{
+	uint8_t buf[PG];
+	int fd = open(file, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+	size_t p;
+
+	if (fd < 0) {
+		printf("err open %s\n", strerror(errno));
+		return;
+	}
+	for (p = 0; p < npages; p++) {
+		pattern(buf, 7, p);
+		if (write(fd, buf, PG) != (ssize_t)PG)
+			break;
+	}
+	printf(p == npages && fsync(fd) == 0 ? "ok\n" : "err write\n");
+	close(fd);
+}
+
+static void cmd_direct(unsigned t, double secs, const char *file)
+{
+	struct direct d[16];
+	uint64_t reads = 0, bad = 0;
+	int fd = open(file, O_RDONLY | O_DIRECT);
+
+	if (fd < 0) {
+		printf("err odirect %s\n", strerror(errno));
+		return;
+	}
+	if (t > 16)
+		t = 16;
+	for (unsigned i = 0; i < t; i++) {
+		d[i] = (struct direct){ .id = i, .nt = t, .fd = fd,
+					.until = now() + secs };
+		pthread_create(&d[i].t, NULL, direct_main, &d[i]);
+	}
+	for (unsigned i = 0; i < t; i++) {
+		pthread_join(d[i].t, NULL);
+		reads += d[i].reads;
+		bad += d[i].bad;
+	}
+	close(fd);
+	printf("ok %llu %llu\n", (unsigned long long)reads,
+	       (unsigned long long)bad);
+}
+
 static void cmd_pin(size_t first, size_t n)
 {
 	struct iovec *iov = calloc(n, sizeof(*iov));
@@ -556,6 +641,11 @@ int main(void)
 				    k == 5 ? (unsigned)v : 0);
 		} else if (sscanf(line, "pin %lu %lu", &x, &y) == 2) {
 			cmd_pin(x, y);
+		} else if (sscanf(line, "mkfile %255s", a1) == 1) {
+			cmd_mkfile(a1);
+		} else if (sscanf(line, "direct %lu %lu %255s", &x, &y, a1) ==
+			   3) {
+			cmd_direct((unsigned)x, (double)y, a1);
 		} else if (sscanf(line, "uread %255s %lu", a1, &x) == 2) {
 			cmd_uread(a1, x);
 		} else if (!strncmp(line, "fork", 4)) {

@@ -3,6 +3,7 @@
 would without it.  Each test here tries hard to make a write get lost."""
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +66,52 @@ def test_unmerge_while_writing():
             for p in (a, b):
                 p.quit()
         print(f"  {writes} writes during unmerges", flush=True)
+
+
+def test_odirect_reads_while_merging():
+    """O_DIRECT reads into pages that are being merged: the device
+    writes pages pinned for it, which UFFDIO_MOVE refuses.  Every read's
+    data must arrive and every other byte stay as it was."""
+    n = 20000
+    d = tempfile.mkdtemp(prefix="sptest-odirect-", dir="/var/tmp")
+    path = os.path.join(d, "blocks")
+    try:
+        with Env(pages_to_scan=1000, sleep_millisecs=5) as e:
+            reads = merged = pinned = changed = 0
+            for rnd in range(3):
+                a, b = e.proc(), e.proc()
+                for p in (a, b):
+                    p.map(n)
+                    p.ok(f"fill 1 0 {n}")
+                if rnd == 0:
+                    a.ok(f"mkfile {path}")
+                m0 = int(a.stats()["merged"])
+                for p in (a, b):
+                    p.ok("merge")
+                out = a.cmd(f"direct 2 2 {path}")
+                if out.startswith("err odirect"):
+                    raise Skip(f"O_DIRECT refused in {d}: {out}")
+                check(out.startswith("ok "), f"direct -> {out}")
+                r, bad = (int(x) for x in out.split()[1:])
+                st = a.stats()
+                merged += int(st["merged"]) - m0
+                pinned += int(st["pinned"])
+                changed += int(st["changed"])
+                reads += r
+                check(bad == 0, f"round {rnd}: {bad} of {r} reads "
+                      "did not arrive")
+                a.ok(f"check 1 0 {n}")
+                b.ok(f"check 1 0 {n}")
+                for p in (a, b):
+                    p.quit()
+            check(merged > 0, "nothing merged while reading")
+            # pinned: MOVE refused a page in the middle of a read;
+            # changed: a read had landed between the scan and the move
+            print(f"  {reads} O_DIRECT reads; meanwhile {merged} pages "
+                  f"merged, {pinned} refused as pinned, {changed} found "
+                  "changed", flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", d], check=False)
 
 
 def pinned_twins(e):
@@ -410,6 +457,7 @@ if __name__ == "__main__":
         test_hammer_no_lost_writes,
         test_unmerge_while_writing,
         test_pinned_never_merged,
+        test_odirect_reads_while_merging,
         test_fork_child_and_gc,
         test_exec_stays_under_samepage,
         test_munmap_mremap_dontneed_while_merging,
