@@ -731,7 +731,8 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 	 * bytes for the agent's, and the program's later use for races. */
 	t = syscall(SYS_mmap, 0, len, PROT_READ | PROT_WRITE,
 		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (t == -1)
+	/* populated first: one call, not a page fault per page of the copy */
+	if (t == -1 || syscall(SYS_madvise, t, len, MADV_POPULATE_WRITE) < 0)
 		goto out;
 	lio.iov_base = (void *)t;
 	rio.iov_base = (void *)p;
