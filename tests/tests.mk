@@ -14,7 +14,8 @@ tests/bin/test_index: tests/unit/test_index.c src/index.c src/pool.c src/log.c s
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
 tests/bin/%: tests/integration/%.c $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< -luring $(LDLIBS)
-# The benchmark's workload program (bench/run) is built with the rest.
-tests-build: tests/bin/workload
-tests/bin/workload: bench/workload.c $(STAMP) | tests/bin
+# The benchmark's programs are built with the rest: the workloads
+# (bench/run) and the per-step timing of a single-page merge.
+tests-build: tests/bin/workload tests/bin/steps
+tests/bin/workload tests/bin/steps: tests/bin/%: bench/%.c $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(LDLIBS)
