@@ -693,6 +693,19 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	return r;
 }
 
+/* Are the n pages at p all pool pages, present? */
+static bool all_pool(struct sp_agent *a, uintptr_t p, size_t n)
+{
+	uint64_t pm[SP_ITEM_PAGES];
+
+	if (sp_pagemap_read(a->pagemap, p, n, pm) < 0)
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if ((pm[i] & (PM_PRESENT | PM_FILE)) != (PM_PRESENT | PM_FILE))
+			return false;
+	return true;
+}
+
 /*
  * Unmerging gives pages private copies again.  Broken in place (break_cow)
  * they would stay in a mapping of the pool file, where UFFDIO_MOVE cannot
@@ -709,24 +722,21 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 {
 	size_t len = n * SP_PAGE;
-	uint64_t pm[SP_ITEM_PAGES];
 	int prot = run_prot(a, p, len);
 	bool rw = prot == (PROT_READ | PROT_WRITE), ok = false;
 	struct iovec lio, rio;
 	long t = -1;
 
+	/* (read-only runs need no write-protection: writes fault anyway) */
 	if (prot < 0 || (rw && !a->shmem_wp))
 		return false;
 	if (rw && uffd_register_wp(a->uffd, p, len) < 0)
 		return false;
 	if (rw && uffd_writeprotect(a->uffd, p, len) < 0)
 		goto out;
-	/* read after the write-protection: no page was made private since */
-	if (sp_pagemap_read(a->pagemap, p, n, pm) < 0)
+	/* after the write-protection: no page was made private since */
+	if (!all_pool(a, p, n))
 		goto out;
-	for (size_t i = 0; i < n; i++)
-		if ((pm[i] & (PM_PRESENT | PM_FILE)) != (PM_PRESENT | PM_FILE))
-			goto out;
 	/* Raw system calls: a sanitizer's interceptors would take these
 	 * bytes for the agent's, and the program's later use for races. */
 	t = syscall(SYS_mmap, 0, len, PROT_READ | PROT_WRITE,
@@ -744,9 +754,11 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 		usleep(20000);	/* widen the window for tests */
 	if (!rw && syscall(SYS_mprotect, t, len, prot) < 0)
 		goto out;
-	/* Still the registered pool mapping?  (A raw munmap and mmap may
-	 * have replaced it; only the instant until mremap stays open.) */
-	if (rw && uffd_writeprotect(a->uffd, p, len) < 0)
+	/* Still the pool mapping?  A raw munmap (libc's, in free) may have
+	 * left a hole since, and a raw mmap a fresh mapping of the
+	 * program's: neither may be mapped over.  Only the instant until
+	 * the mremap stays open. */
+	if (!all_pool(a, p, n))
 		goto out;
 	if (syscall(SYS_mremap, t, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
 		    p) != (long)p)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -289,6 +290,31 @@ def test_raw_remap_during_merge():
         check(e.d.proc.poll() is None, "daemon died")
 
 
+def test_raw_remap_during_unmerge():
+    """The same during run=2: while merged pages are being copied into
+    anonymous mappings (each copy held 20 ms), a raw munmap and raw mmap
+    put a fresh mapping of the program's in their place, which must not
+    get the old pages mapped over it."""
+    n = 8000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="slowunmerge")
+        converge(e.d, "pages_sharing", n)
+        unmerge = threading.Thread(target=e.d.set, kwargs={"run": 2})
+        unmerge.start()
+        spots = range(0, n, 250)
+        for first in spots:
+            a.ok(f"rawremap {first} 100")
+            a.ok(f"fill 2 {first} 50")      # the program's new data
+            time.sleep(0.01)
+        unmerge.join()
+        for first in spots:
+            a.ok(f"check 2 {first} 50")
+            a.ok(f"check 0 {first + 50} 50")
+            a.ok(f"check 1 {first + 100} 150")
+        b.ok(f"check 1 0 {n}")
+        check(e.d.proc.poll() is None, "daemon died")
+
+
 def test_kill_daemon_mid_merge():
     """kill -9 of the daemon at several points of merging: every byte
     stays, merged pages stay valid and copy-on-write, merging stops."""
@@ -464,6 +490,7 @@ if __name__ == "__main__":
         test_mremap_grow_keeps_pages,
         test_raw_munmap_during_merge,
         test_raw_remap_during_merge,
+        test_raw_remap_during_unmerge,
         test_kill_daemon_mid_merge,
         test_verify_failures_restore_pages,
         test_stopped_client_does_not_hold_up_others,
