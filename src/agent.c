@@ -10,6 +10,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
+#include <linux/userfaultfd.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdatomic.h>
@@ -257,7 +258,8 @@ static int map_pool_and_scratch(struct sp_agent *a)
 	}
 	sys_madvise(a->scratch, slen, MADV_DONTNEED);
 	a->scratch_used = 0;
-	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen, false);
+	return uffd_register(a->uffd, (uintptr_t)a->scratch, slen,
+			     UFFDIO_REGISTER_MODE_MISSING);
 }
 
 static void add_own(struct sp_agent *a, uintptr_t s, uintptr_t e)

@@ -33,6 +33,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -336,7 +337,8 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 	p = sys_mmap((void *)addr, len, PROT_READ | PROT_WRITE,
 		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
 	if (p != (void *)addr ||
-	    uffd_register(a->uffd, addr, len, false) < 0) {
+	    uffd_register(a->uffd, addr, len,
+			  UFFDIO_REGISTER_MODE_MISSING) < 0) {
 		log_warn("cannot restore the range at %#lx",
 			 (unsigned long)addr);
 		SP_ASSERT(!"hole lost after a failed mmap");
@@ -596,7 +598,8 @@ static bool ro_open(struct sp_agent *a, uintptr_t s, size_t len)
 	    v.prot != PROT_READ || v.shared || v.file || v.start > s ||
 	    v.end < s + len)
 		return false;
-	if (uffd_register(a->uffd, s, len, true) < 0)
+	if (uffd_register(a->uffd, s, len,
+			  UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP) < 0)
 		return false;
 	if (uffd_writeprotect(a->uffd, s, len) < 0 ||
 	    syscall(SYS_mprotect, s, len, PROT_READ | PROT_WRITE) < 0) {
@@ -652,7 +655,8 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	}
 	ro = run_prot(a, it->addr, len) == PROT_READ;
 	if (ro ? !ro_open(a, it->addr, len)
-	       : uffd_register(a->uffd, it->addr, len, false) < 0) {
+	       : uffd_register(a->uffd, it->addr, len,
+				 UFFDIO_REGISTER_MODE_MISSING) < 0) {
 		if (ro)		/* not as the table says: leave it be */
 			for (i = 0; i < n; i++)
 				res->immovable[i / 64] |= 1ULL << (i % 64);
@@ -730,7 +734,8 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 	/* (read-only runs need no write-protection: writes fault anyway) */
 	if (prot < 0 || (rw && !a->shmem_wp))
 		return false;
-	if (rw && uffd_register_wp(a->uffd, p, len) < 0)
+	if (rw &&
+	    uffd_register(a->uffd, p, len, UFFDIO_REGISTER_MODE_WP) < 0)
 		return false;
 	if (rw && uffd_writeprotect(a->uffd, p, len) < 0)
 		goto out;

@@ -107,8 +107,7 @@ void rg_storage(const struct sp_regions *rs, uintptr_t *s, size_t *len);
 
 /* ---- uffd.c: userfaultfd ABI and thin wrappers ---------------------- */
 int uffd_open(bool *has_move, bool *shmem_wp);
-int uffd_register(int uffd, uintptr_t s, size_t len, bool wp);
-int uffd_register_wp(int uffd, uintptr_t s, size_t len);
+int uffd_register(int uffd, uintptr_t s, size_t len, unsigned mode);
 int uffd_writeprotect(int uffd, uintptr_t s, size_t len);
 int uffd_unregister(int uffd, uintptr_t s, size_t len);
 int uffd_wake(int uffd, uintptr_t s, size_t len);

@@ -78,24 +78,12 @@ int uffd_open(bool *has_move, bool *shmem_wp)
 	return fd;
 }
 
-/* MISSING mode; with wp, write-protect mode too (anonymous memory). */
-int uffd_register(int uffd, uintptr_t s, size_t len, bool wp)
+/* mode: UFFDIO_REGISTER_MODE_MISSING and/or _WP (on shmem too, 5.19) */
+int uffd_register(int uffd, uintptr_t s, size_t len, unsigned mode)
 {
 	struct uffdio_register r = {
 		.range = { s, len },
-		.mode = UFFDIO_REGISTER_MODE_MISSING |
-			(wp ? UFFDIO_REGISTER_MODE_WP : 0),
-	};
-
-	return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
-}
-
-/* Write-protect mode only: for a pool mapping (shmem, Linux 5.19). */
-int uffd_register_wp(int uffd, uintptr_t s, size_t len)
-{
-	struct uffdio_register r = {
-		.range = { s, len },
-		.mode = UFFDIO_REGISTER_MODE_WP,
+		.mode = mode,
 	};
 
 	return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
