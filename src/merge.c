@@ -53,20 +53,24 @@
  * far below the budget, after half the distance to it. */
 static const uint64_t recount_every = 512;
 
-/* Fault injection for tests:
- * SAMEPAGE_FAULT=verify|map|moveback|delay|latedelay|differ|inplace|
- * slowunmerge.  Matched with strstr: latedelay brings delay too.
- * Read once; merges run one at a time under the agent lock. */
+/* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
+ * of verify, map, moveback, delay, latedelay, differ, inplace and
+ * slowunmerge.  Read once; merges run one at a time under the agent
+ * lock. */
 static bool fault(const char *what)
 {
 	static const char *f;
 	static bool read;
+	size_t n = strlen(what);
 
 	if (!read) {
 		f = getenv("SAMEPAGE_FAULT");
 		read = true;
 	}
-	return f && strstr(f, what);
+	for (const char *p = f; n && p && (p = strstr(p, what)); p += n)
+		if ((p == f || p[-1] == ',') && (p[n] == ',' || !p[n]))
+			return true;
+	return false;
 }
 
 /* Read the environment now: during a merge the agent must touch no
