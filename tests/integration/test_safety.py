@@ -340,6 +340,33 @@ def test_kill_daemon_mid_merge():
             check(shared(a, b) <= sh, "merging went on")
 
 
+def test_kill_daemon_mid_unmerge():
+    """kill -9 of the daemon while run=2 is under way (each copy held
+    20 ms): the agents finish what they do alone, every byte stays, and
+    writes after it land."""
+    n = 8000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="slowunmerge")
+        converge(e.d, "pages_sharing", n)
+        unmerge = threading.Thread(
+            target=lambda: e.d.cli("set", "run=2", check_rc=False))
+        unmerge.start()
+        time.sleep(0.05)
+        e.d.kill()
+        unmerge.join()
+        check(wait_for(lambda: shared(a, b) == 0, 10),
+              f"{shared(a, b)} pages still shared: an unmerge stopped")
+        for p in (a, b):
+            p.ok(f"check 1 0 {n}")
+        for pg in range(0, n, 97):
+            a.ok(f"write {pg} 77")
+        b.ok(f"check 1 0 {n}")
+        for pg in range(0, n, 97):
+            check(a.cmd(f"check 1 {pg} 1") != "ok", f"write to {pg} lost")
+        check(wait_for(lambda: a.stats()["active"] == "0", 5),
+              "agent still active with no daemon")
+
+
 def test_verify_failures_restore_pages():
     """Fault injection: every merge fails at verification, at the final
     mapping, or in moving pages back; the pages must come back intact."""
@@ -492,6 +519,7 @@ if __name__ == "__main__":
         test_raw_remap_during_merge,
         test_raw_remap_during_unmerge,
         test_kill_daemon_mid_merge,
+        test_kill_daemon_mid_unmerge,
         test_verify_failures_restore_pages,
         test_stopped_client_does_not_hold_up_others,
         test_dontneed_keeps_unmerged_mappings,
