@@ -61,13 +61,16 @@ static bool fault(const char *what)
 {
 	static const char *f;
 	static bool read;
-	size_t n = strlen(what);
+	size_t n;
 
 	if (!read) {
 		f = getenv("SAMEPAGE_FAULT");
 		read = true;
 	}
-	for (const char *p = f; n && p && (p = strstr(p, what)); p += n)
+	if (!f)
+		return false;	/* the usual case, on the hot path */
+	n = strlen(what);
+	for (const char *p = f; n && (p = strstr(p, what)); p += n)
 		if ((p == f || p[-1] == ',') && (p[n] == ',' || !p[n]))
 			return true;
 	return false;
