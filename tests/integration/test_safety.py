@@ -266,6 +266,26 @@ def test_raw_munmap_during_merge():
         check(e.d.proc.poll() is None, "daemon died")
 
 
+def remap_spots(a, spots, pause):
+    """At each spot, 100 pages replaced by raw munmap and mmap, and new
+    data of the program's in the first 50."""
+    for first in spots:
+        time.sleep(pause)
+        a.ok(f"rawremap {first} 100")
+        a.ok(f"fill 2 {first} 50")
+
+
+def check_remapped(e, a, b, spots, kept):
+    """The fresh mappings hold the new data and zeros; the kept pages
+    after each spot, and all of b, are intact."""
+    for first in spots:
+        a.ok(f"check 2 {first} 50")
+        a.ok(f"check 0 {first + 50} 50")
+        a.ok(f"check 1 {first + 100} {kept}")
+    b.ok(f"check 1 0 {b.npages}")
+    check(e.d.proc.poll() is None, "daemon died")
+
+
 def test_raw_remap_during_merge():
     """What free(3) and malloc(3) do behind the interposers: a raw munmap
     and a fresh mapping in the same place by raw mmap, while pages there
@@ -277,17 +297,9 @@ def test_raw_remap_during_merge():
     with Env() as e:
         a, b = twins(e, n, fault="delay")
         spots = range(0, n, 400)
-        for first in spots:
-            time.sleep(0.1)
-            a.ok(f"rawremap {first} 100")
-            a.ok(f"fill 2 {first} 50")      # the program's new data
+        remap_spots(a, spots, 0.1)
         time.sleep(1.5)
-        for first in spots:
-            a.ok(f"check 2 {first} 50")
-            a.ok(f"check 0 {first + 50} 50")
-            a.ok(f"check 1 {first + 100} 300")
-        b.ok(f"check 1 0 {n}")
-        check(e.d.proc.poll() is None, "daemon died")
+        check_remapped(e, a, b, spots, 300)
 
 
 def test_raw_remap_during_unmerge():
@@ -302,17 +314,9 @@ def test_raw_remap_during_unmerge():
         unmerge = threading.Thread(target=e.d.set, kwargs={"run": 2})
         unmerge.start()
         spots = range(0, n, 250)
-        for first in spots:
-            a.ok(f"rawremap {first} 100")
-            a.ok(f"fill 2 {first} 50")      # the program's new data
-            time.sleep(0.01)
+        remap_spots(a, spots, 0.01)
         unmerge.join()
-        for first in spots:
-            a.ok(f"check 2 {first} 50")
-            a.ok(f"check 0 {first + 50} 50")
-            a.ok(f"check 1 {first + 100} 150")
-        b.ok(f"check 1 0 {n}")
-        check(e.d.proc.poll() is None, "daemon died")
+        check_remapped(e, a, b, spots, 150)
 
 
 def test_kill_daemon_mid_merge():
