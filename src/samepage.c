@@ -2,11 +2,14 @@
  * samepage.c - the command: run a program under samepage, show what it
  * saves, turn the knobs.
  */
+#include <elf.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -179,6 +182,78 @@ static void prepend_env(const char *name, const char *val)
 	}
 }
 
+/* The file execvp would run for prog, into buf; -1 if none. */
+static int find_program(const char *prog, char *buf, size_t len)
+{
+	const char *path = getenv("PATH"), *p, *e;
+
+	if (strchr(prog, '/'))
+		return snprintf(buf, len, "%s", prog) < (int)len ? 0 : -1;
+	for (p = path && *path ? path : "/bin:/usr/bin"; *p; p = e + !!*e) {
+		e = strchrnul(p, ':');
+		if (snprintf(buf, len, "%.*s/%s", (int)(e - p), e > p ? p : ".",
+			     prog) < (int)len &&
+		    access(buf, X_OK) == 0)
+			return 0;
+	}
+	return -1;
+}
+
+/* Does the 64-bit ELF file fd ask for a dynamic loader (PT_INTERP)?
+ * 1 yes, 0 no, -1 not a 64-bit ELF file (a script, say: not ours to
+ * judge). */
+static int elf_has_interp(int fd)
+{
+	Elf64_Ehdr eh;
+	Elf64_Phdr ph;
+
+	if (pread(fd, &eh, sizeof(eh), 0) != (ssize_t)sizeof(eh) ||
+	    memcmp(eh.e_ident, ELFMAG, SELFMAG) ||
+	    eh.e_ident[EI_CLASS] != ELFCLASS64 ||
+	    eh.e_phentsize != sizeof(ph))
+		return -1;
+	for (unsigned i = 0; i < eh.e_phnum; i++) {
+		if (pread(fd, &ph, sizeof(ph),
+			  (off_t)(eh.e_phoff + i * sizeof(ph))) !=
+		    (ssize_t)sizeof(ph))
+			return -1;
+		if (ph.p_type == PT_INTERP)
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * Will the dynamic loader preload the agent into prog?  Not into a
+ * statically linked program (no loader at all), nor into a set-user-ID
+ * or set-group-ID one that changes our identity (the loader ignores
+ * LD_PRELOAD paths there).  Either runs, unmerged; say so once, rather
+ * than leave the user wondering why nothing merges.
+ */
+static void warn_if_not_preloadable(const char *prog)
+{
+	char file[PATH_MAX];
+	struct stat st;
+	int fd;
+
+	if (find_program(prog, file, sizeof(file)) < 0)
+		return;		/* execvp will say */
+	fd = open(file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	if (fstat(fd, &st) == 0 &&
+	    (((st.st_mode & S_ISUID) && st.st_uid != geteuid()) ||
+	     ((st.st_mode & S_ISGID) && st.st_gid != getegid())))
+		fprintf(stderr, "samepage: %s is set-user-ID or set-group-ID: "
+			"the loader ignores the agent there; it runs "
+			"unmerged\n", file);
+	else if (elf_has_interp(fd) == 0)
+		fprintf(stderr, "samepage: %s is statically linked: the agent "
+			"cannot be loaded into it; it runs unmerged (link it "
+			"dynamically to merge its memory)\n", file);
+	close(fd);
+}
+
 static int cmd_run(int argc, char **argv)
 {
 	char dir[PATH_MAX], pre[PATH_MAX + 64];
@@ -219,6 +294,7 @@ static int cmd_run(int argc, char **argv)
 		snprintf(pre, sizeof(pre), "%s/../lib/libsamepage_preload.so",
 			 dir);
 	if (fd >= 0 && realpath(pre, dir)) {
+		warn_if_not_preloadable(argv[i]);
 		prepend_env("LD_PRELOAD", dir);
 		setenv("SAMEPAGE_SOCKET", sock_path, 1);
 		if (all)

@@ -14,6 +14,11 @@ tests/bin/test_index: tests/unit/test_index.c src/index.c src/pool.c src/log.c s
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
 tests/bin/%: tests/integration/%.c $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< -luring $(LDLIBS)
+# Built static on purpose, without the sanitizers (which cannot link
+# statically): samepage run must say it cannot preload into it.
+tests-build: tests/bin/static_prog
+tests/bin/static_prog: tests/integration/static_prog.c | tests/bin
+	$(CC) -O2 -static -o $@ $<
 # The benchmark's programs are built with the rest: the workloads
 # (bench/run) and the per-step timing of a single-page merge.
 tests-build: tests/bin/workload tests/bin/steps

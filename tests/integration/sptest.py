@@ -17,7 +17,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "bin")
 LIB = os.path.join(ROOT, "lib")
-MEMFILL = os.path.join(ROOT, "tests", "bin", "memfill")
+TESTBIN = os.path.join(ROOT, "tests", "bin")
+MEMFILL = os.path.join(TESTBIN, "memfill")
 PAGE = 4096
 
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sptest import (BIN, LIB, Env, Proc, Skip, check,  # noqa: E402
+from sptest import (BIN, LIB, TESTBIN, Env, Proc, Skip, check,  # noqa: E402
                     converge, run_tests, shared, twins, wait_for)
 
 SAMEPAGE = os.path.join(BIN, "samepage")
@@ -137,6 +137,39 @@ def test_no_daemon_one_line():
           f"line does not name cause and fix: {lines[0]}")
 
 
+def test_unpreloadable_programs_say_so():
+    """A statically linked program, and a set-user-ID one that changes
+    identity, cannot take the agent: one line says so, and the program
+    runs with its own exit status."""
+    with Env() as e:
+        env = {"SAMEPAGE_SOCKET": e.d.sock}
+        r = sp("run", "--", os.path.join(TESTBIN, "static_prog"), env=env)
+        check(r.returncode == 5 and "madvise 0" in r.stdout,
+              f"static program: {r.returncode} {r.stdout!r}")
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        check(len(lines) == 1 and "statically linked" in lines[0],
+              f"static program: {lines}")
+        r = sp("run", "--", "true", env=env)
+        check(r.returncode == 0 and not r.stderr.strip(),
+              f"dynamic program warned: {r.stderr!r}")
+        d = tempfile.mkdtemp(prefix="sptest-suid-", dir="/var/tmp")
+        suid = os.path.join(d, "true")
+        try:
+            if os.statvfs(d).f_flag & os.ST_NOSUID:
+                raise Skip(f"{d} is mounted nosuid")
+            with open("/bin/true", "rb") as src, open(suid, "wb") as dst:
+                dst.write(src.read())
+            os.chown(suid, 65534, 65534)
+            os.chmod(suid, 0o4755)
+            r = sp("run", "--", suid, env=env)
+            check(r.returncode == 0 and "set-user-ID" in r.stderr,
+                  f"set-user-ID program: {r.returncode} {r.stderr!r}")
+        finally:
+            if os.path.exists(suid):
+                os.unlink(suid)
+            os.rmdir(d)
+
+
 def test_merge_all():
     """--all: mappings above the threshold merge without madvise."""
     with Env() as e:
@@ -182,6 +215,7 @@ if __name__ == "__main__":
         test_autostart_and_idle_exit,
         test_default_socket_for_root,
         test_no_daemon_one_line,
+        test_unpreloadable_programs_say_so,
         test_merge_all,
         test_help,
         test_daemon_refuses_second_instance,
