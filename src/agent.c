@@ -85,6 +85,65 @@ int sys_madvise(void *addr, size_t len, int advice)
 		 : (int)syscall(SYS_madvise, addr, len, advice);
 }
 
+int sys_mlockall(int flags)
+{
+	static void *_Atomic slot;
+	int (*f)(int) = (int (*)(int))next_sym(&slot, "mlockall");
+
+	return f ? f(flags) : (int)syscall(SYS_mlockall, flags);
+}
+
+/*
+ * The agent's own mappings must never be faulted in wholesale.  The
+ * scratch area is registered with userfaultfd: a fault on a hole there
+ * waits for the agent, and the program's mlockall(2) would wait forever.
+ * A read fault on the pool view allocates a page for each hole of the
+ * pool file, which is as big as RAM.  mlockall(MCL_CURRENT) faults in
+ * every mapping it locks; after mlockall(MCL_FUTURE) every new mapping
+ * is locked and faulted in; mprotect(2) faults in a locked private
+ * mapping it makes writable.  A PROT_NONE mapping is never faulted in,
+ * and an unlocked one is not faulted in by mprotect.  So the agent maps
+ * its own PROT_NONE, unlocks them, and only then gives them their
+ * protection; and hides them (agent_hide_own) around mlockall.  A core
+ * dump reads every page of a shared mapping, faulting in the pool view
+ * too (a core file as big as RAM): they are left out of dumps.
+ */
+static void *own_map(size_t len, int prot, int flags, int fd)
+{
+	void *p = sys_mmap(NULL, len, PROT_NONE, flags, fd, 0);
+	int err;
+
+	if (p == MAP_FAILED)
+		return p;
+	if (sys_madvise(p, len, MADV_DONTDUMP) == 0 &&
+	    syscall(SYS_munlock, p, len) == 0 &&
+	    syscall(SYS_mprotect, p, len, prot) == 0)
+		return p;
+	err = errno;
+	sys_munmap(p, len);
+	errno = err;
+	return MAP_FAILED;
+}
+
+static void hide_one(void *p, size_t len, int prot, bool hide)
+{
+	if (!p)
+		return;
+	if (hide) {
+		syscall(SYS_mprotect, p, len, PROT_NONE);
+		return;
+	}
+	syscall(SYS_munlock, p, len);	/* first: see own_map */
+	if (syscall(SYS_mprotect, p, len, prot) < 0)
+		log_warn("cannot restore the agent's mapping at %p", p);
+}
+
+void agent_hide_own(struct sp_agent *a, bool hide)
+{
+	hide_one(a->pool, a->pool_bytes, PROT_READ, hide);
+	hide_one(a->scratch, SP_SCRATCH_MAP, PROT_READ | PROT_WRITE, hide);
+}
+
 void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e)
 {
 	struct sp_range r = { s, e - s };
@@ -230,17 +289,17 @@ static int map_pool_and_scratch(struct sp_agent *a)
 
 	if (a->pool)
 		sys_munmap(a->pool, a->pool_bytes);
-	a->pool = sys_mmap(NULL, a->pool_bytes, PROT_READ,
-			   MAP_SHARED | MAP_NORESERVE, a->poolfd, 0);
+	a->pool = own_map(a->pool_bytes, PROT_READ,
+			  MAP_SHARED | MAP_NORESERVE, a->poolfd);
 	if (a->pool == MAP_FAILED) {
 		a->pool = NULL;
 		return -errno;
 	}
 	if (!a->scratch) {
-		a->scratch = sys_mmap(NULL, slen, PROT_READ | PROT_WRITE,
-				      MAP_PRIVATE | MAP_ANONYMOUS |
-					      MAP_NORESERVE,
-				      -1, 0);
+		a->scratch = own_map(slen, PROT_READ | PROT_WRITE,
+				     MAP_PRIVATE | MAP_ANONYMOUS |
+					     MAP_NORESERVE,
+				     -1);
 		if (a->scratch == MAP_FAILED) {
 			a->scratch = NULL;
 			return -errno;
@@ -438,6 +497,7 @@ static void atfork_child(void)
 
 	a->active = 0;
 	a->thread_started = 0;
+	a->locked_all = 0;	/* locks are not inherited */
 	close_fd(&a->sock);
 	close_fd(&a->uffd);
 	close_fd(&a->pagemap);

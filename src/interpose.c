@@ -118,6 +118,45 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
 }
 
 /*
+ * mlockall(MCL_CURRENT) faults in every mapping it locks, the agent's
+ * scratch area and pool view too: the first would wait forever, the
+ * second would fill the pool file (see own_map in agent.c).  They are
+ * hidden from it, under the lock so that no merge is under way, and
+ * unlocked after.  The program's memory is locked as it asked.
+ */
+SAMEPAGE_API int mlockall(int flags)
+{
+	struct sp_agent *a = &sp_agent;
+	int r, err;
+
+	if (!a->tracking || !(flags & MCL_CURRENT))
+		return sys_mlockall(flags);
+	pthread_mutex_lock(&a->lock);
+	agent_hide_own(a, true);
+	r = sys_mlockall(flags);
+	err = errno;
+	agent_hide_own(a, false);
+	if (r == 0 && (flags & MCL_FUTURE))
+		a->locked_all = 1;
+	pthread_mutex_unlock(&a->lock);
+	errno = err;
+	return r;
+}
+
+/* Either may leave a mapping unlocked: see discard. */
+SAMEPAGE_API int munlockall(void)
+{
+	sp_agent.locked_all = 0;
+	return (int)syscall(SYS_munlockall);
+}
+
+SAMEPAGE_API int munlock(const void *addr, size_t len)
+{
+	sp_agent.locked_all = 0;
+	return (int)syscall(SYS_munlock, addr, len);
+}
+
+/*
  * The ends of the VMAs that make up [s, e), in order, into *out; their
  * number, or -1 if part of [s, e) is not mapped (the kernel's EFAULT).
  */
@@ -616,6 +655,12 @@ static int discard(struct sp_agent *a, uintptr_t s, uintptr_t e, int adv)
 	size_t i = rg_first(&a->regions, s);
 	uintptr_t at = s;
 	int r = 0;
+
+	/* Every mapping is locked, and the kernel refuses DONTNEED and
+	 * FREE on locked ones (EINVAL), pool mappings too: the program's
+	 * pages stay as they are, as without samepage. */
+	if (a->locked_all && adv != MADV_DONTNEED_LOCKED)
+		return sys_madvise((void *)s, e - s, adv) < 0 ? -errno : 0;
 
 	for (; i < a->regions.n && a->regions.v[i].start < e; i++) {
 		struct sp_region reg = a->regions.v[i];

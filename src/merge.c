@@ -340,10 +340,14 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 	if (mapped(addr, len))
 		return;
 	/* read-write: MOVE moves only out of writable mappings (a
-	 * read-only run is writable while it is merged, see ro_open) */
-	p = sys_mmap((void *)addr, len, PROT_READ | PROT_WRITE,
+	 * read-only run is writable while it is merged, see ro_open).
+	 * Made PROT_NONE, unlocked, and only then read-write: a hole
+	 * faulted in (after mlockall(MCL_FUTURE)) would take no page back
+	 * (see own_map in agent.c). */
+	p = sys_mmap((void *)addr, len, PROT_NONE,
 		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-	if (p != (void *)addr ||
+	if (p != (void *)addr || syscall(SYS_munlock, addr, len) < 0 ||
+	    syscall(SYS_mprotect, addr, len, PROT_READ | PROT_WRITE) < 0 ||
 	    uffd_register(a->uffd, addr, len,
 			  UFFDIO_REGISTER_MODE_MISSING) < 0) {
 		log_warn("cannot restore the range at %#lx",

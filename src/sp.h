@@ -138,6 +138,8 @@ struct sp_agent {
 	int safety;		/* 1: UFFDIO_MOVE */
 	int shmem_wp;		/* pool mappings can be write-protected */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
+	int locked_all;		/* mlockall(MCL_CURRENT | MCL_FUTURE) holds:
+				 * every mapping is locked */
 	size_t any_min;		/* smallest mapping merge_any takes */
 	pid_t daemon_pid, pid;
 	char sockpath[108];
@@ -177,12 +179,14 @@ int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e);
 bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e);
 void agent_merge_init(void);
 void agent_sweep_any(struct sp_agent *a);
+void agent_hide_own(struct sp_agent *a, bool hide);
 
 /* raw system calls, never interposed */
 void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,
 	       off_t off);
 int sys_munmap(void *addr, size_t len);
 int sys_madvise(void *addr, size_t len, int advice);
+int sys_mlockall(int flags);
 
 
 /* ---- the daemon: pool.c, index.c, scan.c, samepaged.c --------------- */

@@ -57,6 +57,8 @@
  *   wait                  wait for the forked child: "ok STATUS"
  *   cmpfile FILE P        page P equals the first page of FILE
  *   mmapmany N            N more small mappings of the program's own
+ *   mlockall FLAGS        mlockall(2), FLAGS as a number (3: MCL_CURRENT
+ *                         | MCL_FUTURE); munlockall: munlockall(2)
  *   stats                 the agent's figures, if an agent is loaded
  *   addr                  the region's address
  *   quit
@@ -618,6 +620,10 @@ int main(void)
 				printf("err\n");
 			else
 				printf("ok\n");
+		} else if (sscanf(line, "mlockall %lu", &x) == 1) {
+			reply(mlockall((int)x));
+		} else if (!strncmp(line, "munlockall", 10)) {
+			reply(munlockall());
 		} else if (sscanf(line, "munmap %lu %lu", &x, &y) == 2) {
 			reply(munmap(region + x * PG, y * PG));
 		} else if (sscanf(line, "mremap %lu", &x) == 1) {

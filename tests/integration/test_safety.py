@@ -2,6 +2,7 @@
 """Rule zero: a program under samepage reads and writes exactly what it
 would without it.  Each test here tries hard to make a write get lost."""
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import (MEMFILL, PAGE, Env, Skip, check, converge,  # noqa: E402
+                    sanitizer_build,
                     map_count, pool_vmas, run_tests, shared, twins,
                     wait_for)
 
@@ -509,6 +511,91 @@ def test_map_budget():
             f.write(old)
 
 
+def proc_status(pid, key):
+    """A field of /proc/PID/status, in kB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def pool_view(pid):
+    """The smaps entry of the agent's read-only view of the pool."""
+    with open(f"/proc/{pid}/smaps") as f:
+        entries = f.read().split("\n")
+    out, cur = None, None
+    for line in entries:
+        if line[:1].isalnum() and "-" in line.split(" ")[0]:
+            cur = {"head": line}
+            if "samepage-pool" in line and " r--s " in line:
+                out = cur
+        elif cur is not None and ":" in line:
+            k, v = line.split(":", 1)
+            cur[k] = v.strip()
+    return out
+
+
+def test_mlockall_while_merged():
+    """mlockall(MCL_CURRENT | MCL_FUTURE), as QEMU's -overcommit
+    mem-lock=on calls it, faults in every mapping, but never the agent's
+    own: a fault on its scratch area (registered with userfaultfd) would
+    wait forever, and its view of the pool is as big as RAM.  The
+    program's memory is locked, the kernel's answers to the program stay
+    its own (MADV_DONTNEED on locked memory: EINVAL), and every byte is
+    intact."""
+    if sanitizer_build():
+        raise Skip("ASan and TSan make mlockall(2) a no-op")
+    n = 3000
+    with Env() as e:
+        a, b = twins(e, n)
+        converge(e.d, "pages_sharing", n)
+        a.p.stdin.write("mlockall 3\n")
+        a.p.stdin.flush()
+        ready, _, _ = select.select([a.p.stdout], [], [], 30)
+        check(ready, "mlockall(MCL_CURRENT | MCL_FUTURE) hung for 30 s")
+        out = a.p.stdout.readline().strip()
+        check(out == "ok", f"mlockall -> {out}")
+        locked = proc_status(a.pid, "VmLck")
+        check(locked >= n * PAGE // 1024,
+              f"VmLck {locked} kB, the region is {n * PAGE // 1024} kB")
+        view = pool_view(a.pid)
+        check(view is not None, "no view of the pool in smaps")
+        flags = view.get("VmFlags", "").split()
+        check("lo" not in flags,
+              f"the agent's pool view was locked: {view['VmFlags']}")
+        rss = int(view["Rss"].split()[0])
+        check(rss < 64 * 1024, f"the pool view was faulted in: {rss} kB")
+        a.ok(f"check 1 0 {n}")
+        b.ok(f"check 1 0 {n}")
+        still = shared(a, b)
+        # the kernel refuses MADV_DONTNEED on locked memory: so here
+        out = a.cmd("dontneed 0 100")
+        check(out == "err Invalid argument", f"dontneed locked -> {out}")
+        a.ok(f"check 1 0 {n}")
+        a.ok("write 5 9")
+        b.ok(f"check 1 0 {n}")
+        a.ok("munlockall")
+        a.ok("dontneed 0 100")
+        a.ok("check 0 0 100")
+        a.ok(f"check 1 100 {n - 100}")
+        print(f"  VmLck {locked} kB; {still} of {n} pages still shared "
+              f"after mlockall", flush=True)
+
+
+def test_pool_view_not_dumped():
+    """A core dump reads every page of a shared mapping: the agent's view
+    of the pool, as big as RAM, would be faulted in and written out.  It
+    is marked VM_DONTDUMP ("dd" in smaps) for the kernel to skip."""
+    with Env() as e:
+        a = e.proc()
+        a.map(16)
+        view = wait_for(lambda: pool_view(a.pid), 10)
+        check(view is not None, "no view of the pool in smaps")
+        check("dd" in view.get("VmFlags", "").split(),
+              f"pool view would be dumped: VmFlags {view.get('VmFlags')}")
+
+
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_hammer_no_lost_writes,
@@ -529,4 +616,6 @@ if __name__ == "__main__":
         test_dontneed_keeps_unmerged_mappings,
         test_client_death_releases,
         test_map_budget,
+        test_mlockall_while_merged,
+        test_pool_view_not_dumped,
     ]))
