@@ -125,7 +125,7 @@ static void *own_map(size_t len, int prot, int flags, int fd)
 	return MAP_FAILED;
 }
 
-static void hide_one(void *p, size_t len, int prot, bool hide)
+static void hide_one(void *p, size_t len, int prot, bool hide, bool lock)
 {
 	if (!p)
 		return;
@@ -133,15 +133,29 @@ static void hide_one(void *p, size_t len, int prot, bool hide)
 		syscall(SYS_mprotect, p, len, PROT_NONE);
 		return;
 	}
-	syscall(SYS_munlock, p, len);	/* first: see own_map */
+	agent_lock_own(p, len, lock);	/* first: see own_map */
 	if (syscall(SYS_mprotect, p, len, prot) < 0)
 		log_warn("cannot restore the agent's mapping at %p", p);
 }
 
+/*
+ * Lock [p, p + len) on fault only (never faulted in), or unlock it.
+ * UFFDIO_MOVE moves only between two locked mappings or two unlocked
+ * ones: once every mapping of the program is locked, scratch is too.
+ */
+void agent_lock_own(void *p, size_t len, bool lock)
+{
+	if (lock ? syscall(SYS_mlock2, p, len, MLOCK_ONFAULT) < 0
+		 : syscall(SYS_munlock, p, len) < 0)
+		log_warn("cannot %slock the agent's mapping at %p",
+			 lock ? "" : "un", p);
+}
+
 void agent_hide_own(struct sp_agent *a, bool hide)
 {
-	hide_one(a->pool, a->pool_bytes, PROT_READ, hide);
-	hide_one(a->scratch, SP_SCRATCH_MAP, PROT_READ | PROT_WRITE, hide);
+	hide_one(a->pool, a->pool_bytes, PROT_READ, hide, false);
+	hide_one(a->scratch, SP_SCRATCH_MAP, PROT_READ | PROT_WRITE, hide,
+		 a->scratch_locked);
 }
 
 void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e)
@@ -305,6 +319,8 @@ static int map_pool_and_scratch(struct sp_agent *a)
 			return -errno;
 		}
 		sys_madvise(a->scratch, slen, MADV_NOHUGEPAGE);
+		if (a->scratch_locked)
+			agent_lock_own(a->scratch, slen, true);
 	}
 	if (!a->cmpbuf) {
 		a->cmpbuf = sys_mmap(NULL, 2 * SP_CMP_PAGES * SP_PAGE,
@@ -497,7 +513,8 @@ static void atfork_child(void)
 
 	a->active = 0;
 	a->thread_started = 0;
-	a->locked_all = 0;	/* locks are not inherited */
+	/* locks are not inherited */
+	a->locked_all = a->def_locked = a->scratch_locked = 0;
 	close_fd(&a->sock);
 	close_fd(&a->uffd);
 	close_fd(&a->pagemap);

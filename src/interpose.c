@@ -31,9 +31,6 @@
 #define PR_SET_MEMORY_MERGE 67
 #define PR_GET_MEMORY_MERGE 68
 #endif
-#ifndef MADV_DONTNEED_LOCKED
-#define MADV_DONTNEED_LOCKED 24
-#endif
 
 #define PAGE_UP(x) (((x) + SP_PAGE - 1) & ~(SP_PAGE - 1))
 
@@ -122,38 +119,82 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
  * scratch area and pool view too: the first would wait forever, the
  * second would fill the pool file (see own_map in agent.c).  They are
  * hidden from it, under the lock so that no merge is under way, and
- * unlocked after.  The program's memory is locked as it asked.
+ * given back their protection after: the pool view unlocked, scratch
+ * locked on fault, since UFFDIO_MOVE moves only between two locked
+ * mappings or two unlocked ones.  The program's memory is locked as it
+ * asked, and goes on merging.
  */
+static void note_mlockall(struct sp_agent *a, int flags)
+{
+	a->def_locked = (flags & MCL_FUTURE) != 0;
+	a->locked_all = (flags & MCL_CURRENT) && (flags & MCL_FUTURE);
+	if (flags & MCL_CURRENT)
+		a->scratch_locked = 1;
+}
+
 SAMEPAGE_API int mlockall(int flags)
 {
 	struct sp_agent *a = &sp_agent;
 	int r, err;
 
-	if (!a->tracking || !(flags & MCL_CURRENT))
-		return sys_mlockall(flags);
+	if (!a->tracking) {	/* (a program that links the library) */
+		r = sys_mlockall(flags);
+		if (r == 0)
+			note_mlockall(a, flags);
+		return r;
+	}
 	pthread_mutex_lock(&a->lock);
-	agent_hide_own(a, true);
+	if (flags & MCL_CURRENT)
+		agent_hide_own(a, true);
 	r = sys_mlockall(flags);
 	err = errno;
-	agent_hide_own(a, false);
-	if (r == 0 && (flags & MCL_FUTURE))
-		a->locked_all = 1;
+	if (r == 0)
+		note_mlockall(a, flags);
+	if (flags & MCL_CURRENT)
+		agent_hide_own(a, false);
 	pthread_mutex_unlock(&a->lock);
 	errno = err;
 	return r;
 }
 
-/* Either may leave a mapping unlocked: see discard. */
 SAMEPAGE_API int munlockall(void)
 {
-	sp_agent.locked_all = 0;
-	return (int)syscall(SYS_munlockall);
+	struct sp_agent *a = &sp_agent;
+	bool held = a->tracking;
+	int r, err;
+
+	if (held)
+		pthread_mutex_lock(&a->lock);
+	r = (int)syscall(SYS_munlockall);
+	err = errno;
+	if (r == 0) {
+		if (a->scratch_locked && a->scratch)
+			agent_lock_own(a->scratch, SP_SCRATCH_MAP, false);
+		a->locked_all = a->def_locked = a->scratch_locked = 0;
+	}
+	if (held)
+		pthread_mutex_unlock(&a->lock);
+	errno = err;
+	return r;
 }
 
+/* Some mapping may be unlocked now: see discard. */
 SAMEPAGE_API int munlock(const void *addr, size_t len)
 {
-	sp_agent.locked_all = 0;
-	return (int)syscall(SYS_munlock, addr, len);
+	struct sp_agent *a = &sp_agent;
+	bool held = a->tracking;
+	int r, err;
+
+	if (held)
+		pthread_mutex_lock(&a->lock);
+	r = (int)syscall(SYS_munlock, addr, len);
+	err = errno;
+	if (r == 0)
+		a->locked_all = 0;
+	if (held)
+		pthread_mutex_unlock(&a->lock);
+	errno = err;
+	return r;
 }
 
 /*

@@ -44,6 +44,10 @@
 
 #include "sp.h"
 
+#ifndef MLOCK_ONFAULT
+#define MLOCK_ONFAULT 1
+#endif
+
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #define MADV_POPULATE_WRITE 23
@@ -379,6 +383,37 @@ static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n)
 }
 
 /*
+ * After mlockall(MCL_FUTURE) a new mapping is locked and faulted in at
+ * once, for writing where it is writable: the pool pages would be
+ * copied before anyone wrote them.  So the pool pages are mapped
+ * elsewhere PROT_NONE (never faulted in), locked on fault like the range
+ * they replace (it was moved out of, so it is locked as scratch is) or
+ * unlocked, given their protection, and moved over the hole by mremap
+ * in one step: the program never sees the range unmapped or PROT_NONE.
+ */
+static void *map_staged(struct sp_agent *a, uintptr_t addr, size_t len,
+			int prot, uint64_t pgoff)
+{
+	long t = syscall(SYS_mmap, 0, len, PROT_NONE, MAP_PRIVATE, a->poolfd,
+			 (off_t)(pgoff * SP_PAGE));
+	int err;
+
+	if (t == -1)
+		return MAP_FAILED;
+	if ((a->scratch_locked
+		     ? syscall(SYS_mlock2, t, len, MLOCK_ONFAULT)
+		     : syscall(SYS_munlock, t, len)) == 0 &&
+	    syscall(SYS_mprotect, t, len, prot) == 0 &&
+	    syscall(SYS_mremap, t, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
+		    addr) == (long)addr)
+		return (void *)addr;
+	err = errno;
+	syscall(SYS_munmap, t, len);
+	errno = err;
+	return MAP_FAILED;
+}
+
+/*
  * Map pool pages [pgoff, pgoff + n) over the hole at addr.  Their content
  * was compared byte for byte with the moved-out pages before (compare),
  * and the pool is not written while leased, so the program can only ever
@@ -410,9 +445,11 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 	 * new mapping for a write by the agent thread (TSan reports every
 	 * later read by the program as a race). */
 	r = fault("map") ? MAP_FAILED
-			 : (void *)syscall(SYS_mmap, addr, len, prot,
-					   MAP_PRIVATE | MAP_FIXED, a->poolfd,
-					   (off_t)(pgoff * SP_PAGE));
+	    : a->def_locked ? map_staged(a, addr, len, prot, pgoff)
+			    : (void *)syscall(SYS_mmap, addr, len, prot,
+					      MAP_PRIVATE | MAP_FIXED,
+					      a->poolfd,
+					      (off_t)(pgoff * SP_PAGE));
 	if (r == MAP_FAILED) {
 		int err = fault("map") ? -ENOMEM : -errno;
 
@@ -636,9 +673,11 @@ static void ro_close(uintptr_t s, size_t len)
 /* Free the old pages of merged items, all in one go. */
 void agent_release_scratch(struct sp_agent *a)
 {
+	/* (the kernel refuses MADV_DONTNEED on a locked mapping) */
 	if (a->scratch_used)
 		sys_madvise(a->scratch, a->scratch_used * SP_PAGE,
-			    MADV_DONTNEED);
+			    a->scratch_locked ? MADV_DONTNEED_LOCKED
+					      : MADV_DONTNEED);
 	a->scratch_used = 0;
 }
 

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 
 #include "sp_proto.h"
@@ -127,6 +128,14 @@ int uffd_is_hole(int uffd, uintptr_t dst, uintptr_t hole, size_t len);
  * moves of nothing that tell whether a range is still ours (merge.c). */
 #define SP_SCRATCH_MAP ((SP_SCRATCH_PAGES + SP_ITEM_PAGES) * SP_PAGE)
 /* Pages compared at a time, through copies made by the kernel. */
+/* (older headers) */
+#ifndef MADV_DONTNEED_LOCKED
+#define MADV_DONTNEED_LOCKED 24
+#endif
+#ifndef MLOCK_ONFAULT
+#define MLOCK_ONFAULT 1
+#endif
+
 #define SP_CMP_PAGES 64
 
 struct sp_agent {
@@ -138,8 +147,12 @@ struct sp_agent {
 	int safety;		/* 1: UFFDIO_MOVE */
 	int shmem_wp;		/* pool mappings can be write-protected */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
-	int locked_all;		/* mlockall(MCL_CURRENT | MCL_FUTURE) holds:
-				 * every mapping is locked */
+	/* mlockall(2) state, as far as it went through the interposers */
+	int locked_all;		/* every mapping is locked (MCL_CURRENT |
+				 * MCL_FUTURE, and no munlock since) */
+	int def_locked;		/* MCL_FUTURE: new mappings are locked */
+	int scratch_locked;	/* scratch is locked (on fault), for MOVE
+				 * out of locked memory */
 	size_t any_min;		/* smallest mapping merge_any takes */
 	pid_t daemon_pid, pid;
 	char sockpath[108];
@@ -180,6 +193,7 @@ bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e);
 void agent_merge_init(void);
 void agent_sweep_any(struct sp_agent *a);
 void agent_hide_own(struct sp_agent *a, bool hide);
+void agent_lock_own(void *p, size_t len, bool lock);
 
 /* raw system calls, never interposed */
 void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,

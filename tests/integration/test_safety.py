@@ -596,6 +596,57 @@ def test_pool_view_not_dumped():
               f"pool view would be dumped: VmFlags {view.get('VmFlags')}")
 
 
+def test_locked_memory_merges():
+    """Programs that lock all their memory first (mlockall(MCL_CURRENT |
+    MCL_FUTURE), QEMU's mem-lock=on) still merge, as on KSM: scratch is
+    locked too, since UFFDIO_MOVE moves only between two locked mappings
+    or two unlocked ones, and pool pages are mapped without being
+    faulted in for writing.  Merged memory stays locked; writers racing
+    the merges lose nothing; copy-on-write and unmerging work."""
+    if sanitizer_build():
+        raise Skip("ASan and TSan make mlockall(2) a no-op")
+    n = 4000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        ps = [e.proc() for _ in range(4)]
+        for p in ps:
+            p.ok("mlockall 3")
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+        for p in ps:
+            p.ok("merge")
+        a, b, c, d = ps
+        # a's writers race the first merges (hammer restores every word;
+        # the pages it writes stay private, so the count is c and d's)
+        m0 = int(a.stats()["merged"])
+        w, lost = (int(x) for x in a.ok("hammer 2 1").split())
+        during = int(a.stats()["merged"]) - m0
+        check(lost == 0, f"{lost} of {w} writes lost in locked memory")
+        check(during > 0, "no merge while the writers ran")
+        a.ok(f"check 1 0 {n}")
+        both = wait_for(lambda: (lambda k: k if k == n else 0)(
+            shared(c, d)), 60, 0.2)
+        check(both == n, f"only {shared(c, d)} of {n} pages shared")
+        for p in ps:
+            locked = proc_status(p.pid, "VmLck")
+            check(locked >= n * PAGE // 1024,
+                  f"VmLck {locked} kB, the region is {n * PAGE // 1024} kB")
+        c.ok("write 7 3")
+        d.ok(f"check 1 0 {n}")
+        out = d.cmd("dontneed 0 10")
+        check(out == "err Invalid argument", f"dontneed locked -> {out}")
+        d.ok(f"check 1 0 {n}")
+        e.d.set(run=2)  # unmerge: private copies, still locked
+        check(shared(c, d) == 0, f"{shared(c, d)} pages shared after run=2")
+        c.ok(f"check 1 8 {n - 8}")
+        for p in (a, b, d):
+            p.ok(f"check 1 0 {n}")
+        for p in ps:
+            locked = proc_status(p.pid, "VmLck")
+            check(locked >= n * PAGE // 1024,
+                  f"after run=2: VmLck {locked} kB")
+        print(f"  {both} of {n} locked pages shared; {w} writes, {during} "
+              "pages merged meanwhile", flush=True)
+
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_hammer_no_lost_writes,
@@ -618,4 +669,5 @@ if __name__ == "__main__":
         test_map_budget,
         test_mlockall_while_merged,
         test_pool_view_not_dumped,
+        test_locked_memory_merges,
     ]))
