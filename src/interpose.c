@@ -124,8 +124,22 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
  * mappings or two unlocked ones.  The program's memory is locked as it
  * asked, and goes on merging.
  */
+static bool under_sanitizer(void)
+{
+	static int sanitized = -1;
+
+	if (sanitized < 0)
+		sanitized = dlsym(RTLD_DEFAULT, "__asan_init") ||
+			    dlsym(RTLD_DEFAULT, "__tsan_init");
+	return sanitized;
+}
+
 static void note_mlockall(struct sp_agent *a, int flags)
 {
+	/* ASan and TSan make mlockall a no-op that answers 0 (their
+	 * shadow memory would be faulted in): nothing was locked. */
+	if (under_sanitizer())
+		return;
 	a->def_locked = (flags & MCL_FUTURE) != 0;
 	a->locked_all = (flags & MCL_CURRENT) && (flags & MCL_FUTURE);
 	if (flags & MCL_CURRENT)
@@ -549,7 +563,6 @@ static void forget_unmapped(struct sp_agent *a, uintptr_t s, uintptr_t e)
  */
 void agent_sweep_any(struct sp_agent *a)
 {
-	static int sanitized = -1;
 	static struct segs g;
 	static char line[512];
 	uint64_t t0 = sp_now_ms(), took;
@@ -560,14 +573,9 @@ void agent_sweep_any(struct sp_agent *a)
 	/* A sanitizer's shadow and allocator memory is private anonymous
 	 * too, and every instrumented access (the agent's, or an
 	 * interceptor's on its behalf) touches it: no sweep there. */
-	if (sanitized < 0) {
-		sanitized = dlsym(RTLD_DEFAULT, "__asan_init") ||
-			    dlsym(RTLD_DEFAULT, "__tsan_init");
-		if (sanitized)
-			log_debug("under a sanitizer: merge-any takes only "
-				  "mappings made through mmap");
-	}
-	if (sanitized) {
+	if (under_sanitizer()) {
+		log_debug("under a sanitizer: merge-any takes only mappings "
+			  "made through mmap");
 		a->sweep_at_ms = UINT64_MAX;
 		return;
 	}
