@@ -128,6 +128,8 @@ int uffd_is_hole(int uffd, uintptr_t dst, uintptr_t hole, size_t len);
  * moves of nothing that tell whether a range is still ours (merge.c). */
 #define SP_SCRATCH_MAP ((SP_SCRATCH_PAGES + SP_ITEM_PAGES) * SP_PAGE)
 /* Pages compared at a time, through copies made by the kernel. */
+#define SP_CMP_PAGES 64
+
 /* (older headers) */
 #ifndef MADV_DONTNEED_LOCKED
 #define MADV_DONTNEED_LOCKED 24
@@ -135,8 +137,6 @@ int uffd_is_hole(int uffd, uintptr_t dst, uintptr_t hole, size_t len);
 #ifndef MLOCK_ONFAULT
 #define MLOCK_ONFAULT 1
 #endif
-
-#define SP_CMP_PAGES 64
 
 struct sp_agent {
 	pthread_mutex_t lock;	/* serialises merges with the program's
