@@ -102,60 +102,62 @@ int sys_mlockall(int flags)
  * every mapping it locks; after mlockall(MCL_FUTURE) every new mapping
  * is locked and faulted in; mprotect(2) faults in a locked private
  * mapping it makes writable.  A PROT_NONE mapping is never faulted in,
- * and an unlocked one is not faulted in by mprotect.  So the agent maps
- * its own PROT_NONE, unlocks them, and only then gives them their
- * protection; and hides them (agent_hide_own) around mlockall.  A core
- * dump reads every page of a shared mapping, faulting in the pool view
- * too (a core file as big as RAM): they are left out of dumps.
+ * nor is one unlocked or locked on fault (MLOCK_ONFAULT) by mprotect.
+ * So the agent maps its own PROT_NONE and settles them (agent_settle);
+ * and hides them (agent_hide_own) around mlockall.  A core dump reads
+ * every page of a shared mapping, faulting in the pool view too (a core
+ * file as big as RAM): they are left out of dumps.
  */
-static void *own_map(size_t len, int prot, int flags, int fd)
+int agent_settle(void *p, size_t len, int prot, bool lock)
+{
+	if ((lock ? syscall(SYS_mlock2, p, len, MLOCK_ONFAULT)
+		  : syscall(SYS_munlock, p, len)) < 0 ||
+	    syscall(SYS_mprotect, p, len, prot) < 0)
+		return -errno;
+	return 0;
+}
+
+static void *own_map(size_t len, int prot, int flags, int fd, bool lock)
 {
 	void *p = sys_mmap(NULL, len, PROT_NONE, flags, fd, 0);
-	int err;
+	int r;
 
 	if (p == MAP_FAILED)
 		return p;
-	if (sys_madvise(p, len, MADV_DONTDUMP) == 0 &&
-	    syscall(SYS_munlock, p, len) == 0 &&
-	    syscall(SYS_mprotect, p, len, prot) == 0)
+	r = sys_madvise(p, len, MADV_DONTDUMP) < 0 ? -errno
+						   : agent_settle(p, len, prot,
+								  lock);
+	if (r == 0)
 		return p;
-	err = errno;
 	sys_munmap(p, len);
-	errno = err;
+	errno = -r;
 	return MAP_FAILED;
 }
 
-static void hide_one(void *p, size_t len, int prot, bool hide, bool lock)
-{
-	if (!p)
-		return;
-	if (hide) {
-		syscall(SYS_mprotect, p, len, PROT_NONE);
-		return;
-	}
-	agent_lock_own(p, len, lock);	/* first: see own_map */
-	if (syscall(SYS_mprotect, p, len, prot) < 0)
-		log_warn("cannot restore the agent's mapping at %p", p);
-}
-
 /*
- * Lock [p, p + len) on fault only (never faulted in), or unlock it.
- * UFFDIO_MOVE moves only between two locked mappings or two unlocked
- * ones: once every mapping of the program is locked, scratch is too.
+ * Around the program's mlockall: PROT_NONE, then back, unlocked (the
+ * pool view) or locked on fault (scratch, once the program's memory is
+ * locked: UFFDIO_MOVE moves only between two locked mappings or two
+ * unlocked ones).
  */
-void agent_lock_own(void *p, size_t len, bool lock)
-{
-	if (lock ? syscall(SYS_mlock2, p, len, MLOCK_ONFAULT) < 0
-		 : syscall(SYS_munlock, p, len) < 0)
-		log_warn("cannot %slock the agent's mapping at %p",
-			 lock ? "" : "un", p);
-}
-
 void agent_hide_own(struct sp_agent *a, bool hide)
 {
-	hide_one(a->pool, a->pool_bytes, PROT_READ, hide, false);
-	hide_one(a->scratch, SP_SCRATCH_MAP, PROT_READ | PROT_WRITE, hide,
-		 a->scratch_locked);
+	struct { void *p; size_t len; int prot; bool lock; } own[] = {
+		{ a->pool, a->pool_bytes, PROT_READ, false },
+		{ a->scratch, SP_SCRATCH_MAP, PROT_READ | PROT_WRITE,
+		  a->scratch_locked },
+	};
+
+	for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++) {
+		if (!own[i].p)
+			continue;
+		if (hide)
+			syscall(SYS_mprotect, own[i].p, own[i].len, PROT_NONE);
+		else if (agent_settle(own[i].p, own[i].len, own[i].prot,
+				      own[i].lock) < 0)
+			log_warn("cannot restore the agent's mapping at %p",
+				 own[i].p);
+	}
 }
 
 void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e)
@@ -304,7 +306,7 @@ static int map_pool_and_scratch(struct sp_agent *a)
 	if (a->pool)
 		sys_munmap(a->pool, a->pool_bytes);
 	a->pool = own_map(a->pool_bytes, PROT_READ,
-			  MAP_SHARED | MAP_NORESERVE, a->poolfd);
+			  MAP_SHARED | MAP_NORESERVE, a->poolfd, false);
 	if (a->pool == MAP_FAILED) {
 		a->pool = NULL;
 		return -errno;
@@ -313,14 +315,12 @@ static int map_pool_and_scratch(struct sp_agent *a)
 		a->scratch = own_map(slen, PROT_READ | PROT_WRITE,
 				     MAP_PRIVATE | MAP_ANONYMOUS |
 					     MAP_NORESERVE,
-				     -1);
+				     -1, a->scratch_locked);
 		if (a->scratch == MAP_FAILED) {
 			a->scratch = NULL;
 			return -errno;
 		}
 		sys_madvise(a->scratch, slen, MADV_NOHUGEPAGE);
-		if (a->scratch_locked)
-			agent_lock_own(a->scratch, slen, true);
 	}
 	if (!a->cmpbuf) {
 		a->cmpbuf = sys_mmap(NULL, 2 * SP_CMP_PAGES * SP_PAGE,

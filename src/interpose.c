@@ -117,7 +117,7 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
 /*
  * mlockall(MCL_CURRENT) faults in every mapping it locks, the agent's
  * scratch area and pool view too: the first would wait forever, the
- * second would fill the pool file (see own_map in agent.c).  They are
+ * second would fill the pool file (see agent_settle in agent.c).  They are
  * hidden from it, under the lock so that no merge is under way, and
  * given back their protection after: the pool view unlocked, scratch
  * locked on fault, since UFFDIO_MOVE moves only between two locked
@@ -182,8 +182,10 @@ SAMEPAGE_API int munlockall(void)
 	r = (int)syscall(SYS_munlockall);
 	err = errno;
 	if (r == 0) {
-		if (a->scratch_locked && a->scratch)
-			agent_lock_own(a->scratch, SP_SCRATCH_MAP, false);
+		if (a->scratch_locked && a->scratch &&
+		    agent_settle(a->scratch, SP_SCRATCH_MAP,
+				 PROT_READ | PROT_WRITE, false) < 0)
+			log_warn("cannot unlock the agent's scratch area");
 		a->locked_all = a->def_locked = a->scratch_locked = 0;
 	}
 	if (held)

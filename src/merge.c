@@ -341,13 +341,14 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 		return;
 	/* read-write: MOVE moves only out of writable mappings (a
 	 * read-only run is writable while it is merged, see ro_open).
-	 * Made PROT_NONE, unlocked, and only then read-write: a hole
-	 * faulted in (after mlockall(MCL_FUTURE)) would take no page back
-	 * (see own_map in agent.c). */
+	 * Made PROT_NONE, and only then read-write, locked as scratch is:
+	 * a hole faulted in (after mlockall(MCL_FUTURE)) would take no
+	 * page back (see agent_settle in agent.c). */
 	p = sys_mmap((void *)addr, len, PROT_NONE,
 		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-	if (p != (void *)addr || syscall(SYS_munlock, addr, len) < 0 ||
-	    syscall(SYS_mprotect, addr, len, PROT_READ | PROT_WRITE) < 0 ||
+	if (p != (void *)addr ||
+	    agent_settle(p, len, PROT_READ | PROT_WRITE,
+			 a->scratch_locked) < 0 ||
 	    uffd_register(a->uffd, addr, len,
 			  UFFDIO_REGISTER_MODE_MISSING) < 0) {
 		log_warn("cannot restore the range at %#lx",
@@ -396,10 +397,7 @@ static void *map_staged(struct sp_agent *a, uintptr_t addr, size_t len,
 
 	if (t == -1)
 		return MAP_FAILED;
-	if ((a->scratch_locked
-		     ? syscall(SYS_mlock2, t, len, MLOCK_ONFAULT)
-		     : syscall(SYS_munlock, t, len)) == 0 &&
-	    syscall(SYS_mprotect, t, len, prot) == 0 &&
+	if (agent_settle((void *)t, len, prot, a->scratch_locked) == 0 &&
 	    syscall(SYS_mremap, t, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
 		    addr) == (long)addr)
 		return (void *)addr;

@@ -193,7 +193,7 @@ bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e);
 void agent_merge_init(void);
 void agent_sweep_any(struct sp_agent *a);
 void agent_hide_own(struct sp_agent *a, bool hide);
-void agent_lock_own(void *p, size_t len, bool lock);
+int agent_settle(void *p, size_t len, int prot, bool lock);
 
 /* raw system calls, never interposed */
 void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,
