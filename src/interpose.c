@@ -660,6 +660,7 @@ SAMEPAGE_API int samepage_unmerge(void *addr, size_t len)
 SAMEPAGE_API int samepage_set_merge_any(int on)
 {
 	struct sp_agent *a = &sp_agent;
+	size_t min;
 
 	pthread_mutex_lock(&a->lock);
 	a->tracking = 1;
@@ -675,7 +676,22 @@ SAMEPAGE_API int samepage_set_merge_any(int on)
 		unmerge_locked(a, a->regions.v[0].start,
 			       a->regions.v[a->regions.n - 1].end);
 	}
+	min = a->any_min;
 	pthread_mutex_unlock(&a->lock);
+	/*
+	 * The kernel keeps PR_SET_MEMORY_MERGE across execve.  The next
+	 * program's agent learns it from the environment, which carries the
+	 * preload too.  Outside the lock: setenv allocates, and malloc may
+	 * mmap.
+	 */
+	if (on) {
+		char v[32];
+
+		snprintf(v, sizeof(v), "%zu", min);
+		setenv("SAMEPAGE_ALL", v, 1);
+	} else {
+		unsetenv("SAMEPAGE_ALL");
+	}
 	return 0;
 }
 

@@ -10,6 +10,8 @@
  *   freemalloc            free(3) it (glibc unmaps it itself)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
  *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
+ *   exec                  execve this program again, in the same process;
+ *                         the new image answers "ok" (the region is gone)
  *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
  *   check SEED FIRST N    verify; "ok" or "err bad PAGE"
  *   write P BYTE          one byte at the start of page P
@@ -533,13 +535,15 @@ static void reply(int r)
 		printf("ok\n");
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	char line[512], a1[256];
 	unsigned long x, y, z, w, v;
 	int k;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (argc > 1 && !strcmp(argv[1], "--execd"))
+		printf("ok\n");	/* the reply to "exec" */
 	while (fgets(line, sizeof(line), stdin)) {
 		if (sscanf(line, "map %lu", &x) == 1 ||
 		    sscanf(line, "mapshared %lu", &x) == 1) {
@@ -666,6 +670,10 @@ int main(void)
 			cmd_stats();
 		} else if (!strncmp(line, "addr", 4)) {
 			printf("ok %p\n", (void *)region);
+		} else if (!strncmp(line, "exec", 4)) {
+			/* the same program again, in this process */
+			execl("/proc/self/exe", "memfill", "--execd", (char *)NULL);
+			printf("err %s\n", strerror(errno));
 		} else if (!strncmp(line, "quit", 4)) {
 			break;
 		} else {

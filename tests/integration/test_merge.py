@@ -239,6 +239,25 @@ def test_prctl_merge_any():
         b.ok("check 1 0 2000")
 
 
+def test_prctl_survives_exec():
+    """As with the kernel, PR_SET_MEMORY_MERGE holds across execve, and
+    its 0 does too."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        a.ok("prctl 1")
+        a.ok("exec")
+        check(a.ok("getprctl") == "1", "PR_GET_MEMORY_MERGE != 1 after exec")
+        b.ok("prctl 1")
+        for p in (a, b):
+            p.map(2000)
+            p.ok("fill 1 0 2000")
+        converge(e.d, "pages_sharing", 2000)
+        check(shared(a, b) == 2000, "exec'd program's mappings not merged")
+        a.ok("prctl 0")
+        a.ok("exec")
+        check(a.ok("getprctl") == "0", "PR_GET_MEMORY_MERGE != 0 after exec")
+
+
 def test_runs_across_vma_boundaries():
     """A run of duplicates that spans two anonymous VMAs (split here by
     MADV_DONTDUMP) merges whole: no page is written off as immovable."""
@@ -443,6 +462,7 @@ if __name__ == "__main__":
         test_unmerge_run2,
         test_unmerge_madvise,
         test_prctl_merge_any,
+        test_prctl_survives_exec,
         test_runs_across_vma_boundaries,
         test_malloc_memory_merges,
         test_prctl_takes_malloc_memory,
