@@ -13,6 +13,7 @@
 #include <linux/userfaultfd.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -437,6 +438,26 @@ static int open_uffd(struct sp_agent *a)
 	return 0;
 }
 
+/*
+ * The agent's thread blocks every signal.  A signal sent to the process
+ * goes to any thread that does not block it: programs that block one in
+ * their threads to take it with sigwait or signalfd (QEMU does so with
+ * SIGIO and SIGALRM) would lose it to ours, or die of its default
+ * action.  And a handler run here would wait forever on a page this
+ * thread has moved out, or on the agent lock it holds.
+ */
+static int start_thread(struct sp_agent *a)
+{
+	sigset_t all, old;
+	int r;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	r = pthread_create(&a->thread, NULL, agent_main, a);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return r;
+}
+
 /* Start with the lock held.  Leaves the agent off on any failure. */
 static int agent_start(struct sp_agent *a)
 {
@@ -471,8 +492,7 @@ static int agent_start(struct sp_agent *a)
 	a->map_limit = (uint64_t)lim;
 	a->figs.map_budget = (uint64_t)(lim - lim / map_reserve_div);
 	agent_recount_maps(a);
-	if (pipe2(a->wakefd, O_CLOEXEC) < 0 ||
-	    pthread_create(&a->thread, NULL, agent_main, a) != 0) {
+	if (pipe2(a->wakefd, O_CLOEXEC) < 0 || start_thread(a) != 0) {
 		r = -EAGAIN;
 		goto fail;
 	}

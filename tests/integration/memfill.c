@@ -10,6 +10,10 @@
  *   freemalloc            free(3) it (glibc unmaps it itself)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
  *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
+ *   sigblock              block SIGUSR1 in this (the only) thread, send it
+ *                         to the process and wait 200 ms: "ok" if it is
+ *                         still pending, "err handled on thread TID" if
+ *                         a handler ran on some other thread
  *   exec                  execve this program again, in the same process;
  *                         the new image answers "ok" (the region is gone)
  *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
@@ -527,6 +531,46 @@ static void cmd_stats(void)
 	       (unsigned long long)s.budget_refusals);
 }
 
+static atomic_int usr1_tid;
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	atomic_store(&usr1_tid, (int)syscall(SYS_gettid));
+}
+
+/*
+ * A program that blocks a signal in all of its threads and takes it
+ * with sigwait (or signalfd, as QEMU does) must get it there: no thread
+ * samepage adds may take it instead.
+ */
+static void cmd_sigblock(void)
+{
+	struct sigaction sa = { .sa_handler = on_usr1 }, old;
+	struct timespec nap = { 0, 200 * 1000 * 1000 }, none = { 0, 0 };
+	sigset_t s, pend;
+	int tid;
+
+	sigemptyset(&s);
+	sigaddset(&s, SIGUSR1);
+	sigaction(SIGUSR1, &sa, &old);
+	pthread_sigmask(SIG_BLOCK, &s, NULL);
+	atomic_store(&usr1_tid, 0);
+	kill(getpid(), SIGUSR1);	/* to the process, not this thread */
+	nanosleep(&nap, NULL);
+	tid = atomic_load(&usr1_tid);
+	sigpending(&pend);
+	if (tid)
+		printf("err handled on thread %d\n", tid);
+	else if (!sigismember(&pend, SIGUSR1) ||
+		 sigtimedwait(&s, NULL, &none) != SIGUSR1)
+		printf("err SIGUSR1 neither pending nor handled\n");
+	else
+		printf("ok\n");
+	pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+	sigaction(SIGUSR1, &old, NULL);
+}
+
 static void reply(int r)
 {
 	if (r < 0)
@@ -670,6 +714,8 @@ int main(int argc, char **argv)
 			cmd_stats();
 		} else if (!strncmp(line, "addr", 4)) {
 			printf("ok %p\n", (void *)region);
+		} else if (!strncmp(line, "sigblock", 8)) {
+			cmd_sigblock();
 		} else if (!strncmp(line, "exec", 4)) {
 			/* the same program again, in this process */
 			execl("/proc/self/exe", "memfill", "--execd", (char *)NULL);

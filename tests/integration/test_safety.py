@@ -185,6 +185,21 @@ def test_exec_stays_under_samepage():
         check(shared(a, b) == 1000, "exec'd program not merged")
 
 
+def test_signals_stay_with_the_program():
+    """A signal the program blocks in its threads (to take it with sigwait
+    or signalfd, as QEMU does with SIGIO and SIGALRM) stays pending for
+    it: the agent's thread never takes the program's signals."""
+    with Env() as e:
+        a = e.proc()
+        a.map(1000)
+        a.ok("fill 1 0 1000")
+        a.ok("merge")
+        check(a.stats()["active"] == "1", "agent not active")
+        r = a.cmd("sigblock")
+        check(r == "ok", f"process-directed SIGUSR1: {r}")
+        a.ok("check 1 0 1000")
+
+
 def test_munmap_mremap_dontneed_while_merging():
     n = 8000
     with Env(pages_to_scan=2000, sleep_millisecs=1) as e:
@@ -660,6 +675,7 @@ if __name__ == "__main__":
         test_odirect_reads_while_merging,
         test_fork_child_and_gc,
         test_exec_stays_under_samepage,
+        test_signals_stay_with_the_program,
         test_munmap_mremap_dontneed_while_merging,
         test_mremap_grow_keeps_pages,
         test_raw_munmap_during_merge,
