@@ -42,7 +42,7 @@ PRE_LDFLAGS := $(LDFLAGS)
 PRE_DIR     := $(BUILD)/lib
 endif
 
-LIB_SRC    := proto.c log.c util.c region.c uffd.c merge.c agent.c interpose.c
+LIB_SRC    := proto.c log.c util.c region.c uffd.c merge.c agent.c interpose.c fds.c
 DAEMON_SRC := samepaged.c scan.c client.c pool.c index.c proto.c log.c util.c
 CLI_SRC    := samepage.c proto.c log.c util.c
 

@@ -42,7 +42,7 @@ static const int map_reserve_div = 8;
  * a sanitizer's interceptor, which must see every mapping), else the raw
  * system call.
  */
-static void *next_sym(void *_Atomic *slot, const char *name)
+void *sp_next_sym(void *_Atomic *slot, const char *name)
 {
 	void *f = atomic_load_explicit(slot, memory_order_acquire);
 
@@ -59,7 +59,7 @@ void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,
 {
 	static void *_Atomic slot;
 	void *(*f)(void *, size_t, int, int, int, off_t) =
-		(void *(*)(void *, size_t, int, int, int, off_t))next_sym(
+		(void *(*)(void *, size_t, int, int, int, off_t))sp_next_sym(
 			&slot, "mmap");
 
 	if (f)
@@ -71,7 +71,7 @@ int sys_munmap(void *addr, size_t len)
 {
 	static void *_Atomic slot;
 	int (*f)(void *, size_t) =
-		(int (*)(void *, size_t))next_sym(&slot, "munmap");
+		(int (*)(void *, size_t))sp_next_sym(&slot, "munmap");
 
 	return f ? f(addr, len) : (int)syscall(SYS_munmap, addr, len);
 }
@@ -80,7 +80,7 @@ int sys_madvise(void *addr, size_t len, int advice)
 {
 	static void *_Atomic slot;
 	int (*f)(void *, size_t, int) =
-		(int (*)(void *, size_t, int))next_sym(&slot, "madvise");
+		(int (*)(void *, size_t, int))sp_next_sym(&slot, "madvise");
 
 	return f ? f(addr, len, advice)
 		 : (int)syscall(SYS_madvise, addr, len, advice);
@@ -89,7 +89,7 @@ int sys_madvise(void *addr, size_t len, int advice)
 int sys_mlockall(int flags)
 {
 	static void *_Atomic slot;
-	int (*f)(int) = (int (*)(int))next_sym(&slot, "mlockall");
+	int (*f)(int) = (int (*)(int))sp_next_sym(&slot, "mlockall");
 
 	return f ? f(flags) : (int)syscall(SYS_mlockall, flags);
 }
@@ -171,9 +171,31 @@ void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e)
 
 static void close_fd(int *fd)
 {
-	if (*fd >= 0)
-		close(*fd);
-	*fd = -1;
+	sp_fd_close(fd);
+}
+
+/* With the lock held: one of ours now has another number (fds.c). */
+void agent_fd_moved(struct sp_agent *a, int from, int to)
+{
+	int *f[] = { &a->sock,	  &a->uffd,	 &a->poolfd,	&a->pagemap,
+		     &a->mapsfd, &a->wakefd[0], &a->wakefd[1] };
+
+	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
+		if (*f[i] == from)
+			*f[i] = to;
+	/* the agent's poll may be waiting on the old number */
+	if (a->wakefd[1] >= 0 && write(a->wakefd[1], "r", 1) < 0)
+		log_debug("cannot wake the agent");
+}
+
+/* The descriptors the agent keeps, out of the program's reach (fds.c). */
+static void keep_fds(struct sp_agent *a)
+{
+	int *f[] = { &a->sock,	  &a->uffd,	 &a->poolfd,	&a->pagemap,
+		     &a->mapsfd, &a->wakefd[0], &a->wakefd[1] };
+
+	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
+		*f[i] = sp_fd_keep(*f[i]);
 }
 
 static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
@@ -214,21 +236,27 @@ static void handle_unmerge(struct sp_agent *a)
 	pthread_mutex_lock(&a->lock);
 	agent_unmerge_all(a);
 	f = a->figs;
-	pthread_mutex_unlock(&a->lock);
 	sp_send(a->sock, SP_UNMERGE_DONE, &f, sizeof(f));
+	pthread_mutex_unlock(&a->lock);
 }
 
 static void *agent_main(void *arg)
 {
 	struct sp_agent *a = arg;
 	static uint64_t buf[SP_MSG_MAX / 8];
-	struct pollfd pfd[2] = { { a->sock, POLLIN, 0 },
-				 { a->wakefd[0], POLLIN, 0 } };
+	struct pollfd pfd[2] = { { -1, POLLIN, 0 }, { -1, POLLIN, 0 } };
 
 	for (;;) {
 		struct sp_msg m;
 		ssize_t n;
 		uint64_t now = sp_now_ms();
+		char why;
+
+		/* The numbers change when the program dup2s onto one (fds.c) */
+		pthread_mutex_lock(&a->lock);
+		pfd[0].fd = a->sock;
+		pfd[1].fd = a->wakefd[0];
+		pthread_mutex_unlock(&a->lock);
 
 		if (a->merge_any && now >= a->sweep_at_ms) {
 			pthread_mutex_lock(&a->lock);
@@ -239,11 +267,25 @@ static void *agent_main(void *arg)
 		if (poll(pfd, 2, a->merge_any ? 1000 : -1) < 0 &&
 		    errno != EINTR)
 			break;
-		if (pfd[1].revents)
-			return NULL;	/* samepage_shutdown() */
+		if (pfd[1].revents) {
+			/* from the pipe's number now (non-blocking) */
+			pthread_mutex_lock(&a->lock);
+			n = read(a->wakefd[0], &why, 1);
+			pthread_mutex_unlock(&a->lock);
+			if (n == 0 || (n == 1 && why == 'x'))
+				return NULL;	/* samepage_shutdown() */
+			continue;	/* a descriptor moved */
+		}
 		if (!pfd[0].revents)
 			continue;
-		n = sp_recv(a->sock, buf, sizeof(buf), NULL);
+		/* Under the lock, from the socket's number now: never from
+		 * the program's file that took its old one. */
+		pthread_mutex_lock(&a->lock);
+		n = sp_recv_flags(a->sock, buf, sizeof(buf), NULL,
+				  MSG_DONTWAIT);
+		pthread_mutex_unlock(&a->lock);
+		if (n == -EAGAIN)
+			continue;
 		if (n <= 0)
 			break;
 		if (sp_decode(buf, (size_t)n, &m) < 0) {
@@ -492,7 +534,12 @@ static int agent_start(struct sp_agent *a)
 	a->map_limit = (uint64_t)lim;
 	a->figs.map_budget = (uint64_t)(lim - lim / map_reserve_div);
 	agent_recount_maps(a);
-	if (pipe2(a->wakefd, O_CLOEXEC) < 0 || start_thread(a) != 0) {
+	if (pipe2(a->wakefd, O_CLOEXEC | O_NONBLOCK) < 0) {
+		r = -EAGAIN;
+		goto fail;
+	}
+	keep_fds(a);
+	if (start_thread(a) != 0) {
 		r = -EAGAIN;
 		goto fail;
 	}

@@ -67,6 +67,7 @@ int sp_send_fd(int fd, int type, const void *payload, size_t plen,
 /* Receive one packet into buf (SP_MSG_MAX, 8-byte aligned); *fdp gets a
  * passed descriptor or -1.  Returns length, 0 on EOF, or -errno. */
 ssize_t sp_recv(int fd, void *buf, size_t cap, int *fdp);
+ssize_t sp_recv_flags(int fd, void *buf, size_t cap, int *fdp, int flags);
 int sp_connect(const char *path);
 bool sp_page_is_zero(const void *p);
 uint64_t sp_now_ms(void);
@@ -194,6 +195,16 @@ void agent_merge_init(void);
 void agent_sweep_any(struct sp_agent *a);
 void agent_hide_own(struct sp_agent *a, bool hide);
 int agent_settle(void *p, size_t len, int prot, bool lock);
+
+void agent_fd_moved(struct sp_agent *a, int from, int to);
+
+/* fds.c: the agent's descriptors, out of the program's close and dup2 */
+int sp_fd_keep(int fd);
+void sp_fd_close(int *fd);
+
+/* The next definition of a symbol after ours (libc's, or a sanitizer's
+ * interceptor); slot caches it. */
+void *sp_next_sym(void *_Atomic *slot, const char *name);
 
 /* raw system calls, never interposed */
 void *sys_mmap(void *addr, size_t len, int prot, int flags, int fd,

@@ -151,6 +151,11 @@ int sp_send(int fd, int type, const void *payload, size_t plen)
 
 ssize_t sp_recv(int fd, void *buf, size_t cap, int *fdp)
 {
+	return sp_recv_flags(fd, buf, cap, fdp, 0);
+}
+
+ssize_t sp_recv_flags(int fd, void *buf, size_t cap, int *fdp, int flags)
+{
 	char cbuf[CMSG_SPACE(sizeof(int))];
 	struct iovec iov = { buf, cap };
 	struct msghdr mh = { 0 };
@@ -164,7 +169,7 @@ ssize_t sp_recv(int fd, void *buf, size_t cap, int *fdp)
 	mh.msg_control = cbuf;
 	mh.msg_controllen = sizeof(cbuf);
 	do
-		n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+		n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | flags);
 	while (n < 0 && errno == EINTR);
 	if (n < 0)
 		return -errno;

@@ -10,10 +10,16 @@
  *   freemalloc            free(3) it (glibc unmaps it itself)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
  *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
+ *   dup2high LO HI        dup2 /dev/null onto every descriptor from LO to HI,
+ *                         as a program placing its files at fixed numbers
  *   sigblock              block SIGUSR1 in this (the only) thread, send it
  *                         to the process and wait 200 ms: "ok" if it is
  *                         still pending, "err handled on thread TID" if
  *                         a handler ran on some other thread
+ *   closefds              close_range(3, ~0U, 0), as a daemon that closes
+ *                         every inherited descriptor does, then open
+ *                         /dev/null and socket pairs into the freed
+ *                         numbers and write to the sockets
  *   exec                  execve this program again, in the same process;
  *                         the new image answers "ok" (the region is gone)
  *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
@@ -84,6 +90,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -571,6 +578,65 @@ static void cmd_sigblock(void)
 	sigaction(SIGUSR1, &old, NULL);
 }
 
+static int reused[64];
+static int nreused;
+
+static void cmd_closefds(void)
+{
+	int sv[2];
+
+	if (close_range(3, ~0U, 0) < 0) {
+		printf("err close_range %s\n", strerror(errno));
+		return;
+	}
+	nreused = 0;
+	while (nreused + 3 <= 48) {
+		reused[nreused++] = open("/dev/null", O_RDWR | O_CLOEXEC);
+		if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+			break;
+		reused[nreused++] = sv[0];
+		reused[nreused++] = sv[1];
+	}
+	printf("ok\n");
+}
+
+/* The socket pairs of closefds carried nothing they were not sent. */
+static void cmd_checkfds(void)
+{
+	char b[64];
+
+	for (int i = 0; i + 2 < nreused; i += 3) {
+		ssize_t n = recv(reused[i + 2], b, sizeof(b), MSG_DONTWAIT);
+
+		if (n >= 0 || errno != EAGAIN) {
+			printf("err fd %d received %zd bytes\n", reused[i + 2],
+			       n);
+			return;
+		}
+		n = recv(reused[i + 1], b, sizeof(b), MSG_DONTWAIT);
+		if (n >= 0 || errno != EAGAIN) {
+			printf("err fd %d received %zd bytes\n", reused[i + 1],
+			       n);
+			return;
+		}
+	}
+	printf("ok\n");
+}
+
+static void cmd_dup2high(int lo, int hi)
+{
+	int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+	for (int fd = lo; fd <= hi; fd++)
+		if (dup2(nul, fd) != fd) {
+			printf("err dup2 onto %d: %s\n", fd, strerror(errno));
+			close(nul);
+			return;
+		}
+	close(nul);
+	printf("ok\n");
+}
+
 static void reply(int r)
 {
 	if (r < 0)
@@ -714,6 +780,12 @@ int main(int argc, char **argv)
 			cmd_stats();
 		} else if (!strncmp(line, "addr", 4)) {
 			printf("ok %p\n", (void *)region);
+		} else if (sscanf(line, "dup2high %lu %lu", &x, &y) == 2) {
+			cmd_dup2high((int)x, (int)y);
+		} else if (!strncmp(line, "closefds", 8)) {
+			cmd_closefds();
+		} else if (!strncmp(line, "checkfds", 8)) {
+			cmd_checkfds();
 		} else if (!strncmp(line, "sigblock", 8)) {
 			cmd_sigblock();
 		} else if (!strncmp(line, "exec", 4)) {

@@ -200,6 +200,37 @@ def test_signals_stay_with_the_program():
         a.ok("check 1 0 1000")
 
 
+def test_program_closes_and_reuses_descriptors():
+    """A program that closes every descriptor it did not open
+    (close_range) and places its own at fixed numbers (dup2) keeps them
+    all, while merging goes on: the agent's are neither closed, nor
+    written to, nor the program's taken."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(3000)
+            p.ok("fill 1 0 3000")
+        a.ok("closefds")          # reopens 3..50 for itself
+        a.ok("dup2high 1000 1015")
+        for p in (a, b):
+            p.ok("merge")
+        converge(e.d, "pages_sharing", 3000)
+        check(shared(a, b) == 3000, "not merged after the program's closes")
+        check(a.stats()["active"] == "1", "agent stopped")
+        a.ok("checkfds")
+        fd = f"/proc/{a.pid}/fd"
+        for n in list(range(3, 51)) + list(range(1000, 1016)):
+            check(os.path.exists(f"{fd}/{n}"), f"the program's fd {n} closed")
+        for n in range(1000, 1016):
+            check(os.readlink(f"{fd}/{n}") == "/dev/null",
+                  f"fd {n} is {os.readlink(f'{fd}/{n}')}, not /dev/null")
+        a.ok("write 7 9")
+        a.ok("check 1 8 2992")
+        a.ok("unmerge")
+        check(shared(a, b) == 0, "shared after MADV_UNMERGEABLE")
+        b.ok("check 1 0 3000")
+
+
 def test_munmap_mremap_dontneed_while_merging():
     n = 8000
     with Env(pages_to_scan=2000, sleep_millisecs=1) as e:
@@ -676,6 +707,7 @@ if __name__ == "__main__":
         test_fork_child_and_gc,
         test_exec_stays_under_samepage,
         test_signals_stay_with_the_program,
+        test_program_closes_and_reuses_descriptors,
         test_munmap_mremap_dontneed_while_merging,
         test_mremap_grow_keeps_pages,
         test_raw_munmap_during_merge,
