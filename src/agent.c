@@ -30,6 +30,7 @@
 struct sp_agent sp_agent = {
 	.lock = PTHREAD_MUTEX_INITIALIZER,
 	.sock = -1, .uffd = -1, .poolfd = -1, .pagemap = -1, .mapsfd = -1,
+	.memfd = -1,
 	.wakefd = { -1, -1 },
 	.any_min = 0,
 };
@@ -178,7 +179,7 @@ static void close_fd(int *fd)
 void agent_fd_moved(struct sp_agent *a, int from, int to)
 {
 	int *f[] = { &a->sock,	  &a->uffd,	 &a->poolfd,	&a->pagemap,
-		     &a->mapsfd, &a->wakefd[0], &a->wakefd[1] };
+		     &a->mapsfd, &a->memfd, &a->wakefd[0], &a->wakefd[1] };
 
 	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
 		if (*f[i] == from)
@@ -192,7 +193,7 @@ void agent_fd_moved(struct sp_agent *a, int from, int to)
 static void keep_fds(struct sp_agent *a)
 {
 	int *f[] = { &a->sock,	  &a->uffd,	 &a->poolfd,	&a->pagemap,
-		     &a->mapsfd, &a->wakefd[0], &a->wakefd[1] };
+		     &a->mapsfd, &a->memfd, &a->wakefd[0], &a->wakefd[1] };
 
 	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
 		*f[i] = sp_fd_keep(*f[i]);
@@ -513,6 +514,7 @@ static int agent_start(struct sp_agent *a)
 		return r;
 	a->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	a->mapsfd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	a->memfd = open("/proc/self/mem", O_RDWR | O_CLOEXEC);
 	a->sock = sp_connect(a->sockpath);
 	if (a->sock < 0) {
 		r = a->sock;
@@ -558,6 +560,7 @@ fail:
 	close_fd(&a->uffd);
 	close_fd(&a->pagemap);
 	close_fd(&a->mapsfd);
+	close_fd(&a->memfd);
 	return r;
 }
 
@@ -586,6 +589,7 @@ static void atfork_child(void)
 	close_fd(&a->uffd);
 	close_fd(&a->pagemap);
 	close_fd(&a->mapsfd);
+	close_fd(&a->memfd);
 	close_fd(&a->wakefd[0]);
 	close_fd(&a->wakefd[1]);
 	if (was_active && !getenv("SAMEPAGE_NO_FORK_RESTART"))

@@ -1,13 +1,14 @@
 /*
  * fds.c - the agent's descriptors, kept out of the program's way.
  *
- * The agent holds seven descriptors while it runs: the daemon's socket,
- * the userfaultfd, the pool, pagemap, maps and a wake-up pipe.  A program
- * may close descriptors it never opened: a daemon closes all it inherited
- * (close_range, closefrom, or close in a loop), and the numbers then go
- * to its own files.  The agent would then write to, read from or close
- * the program's files, and a userfaultfd closed under it unregisters its
- * ranges: a page the agent has moved out would read as zeros.
+ * The agent holds eight descriptors while it runs: the daemon's socket,
+ * the userfaultfd, the pool, pagemap, maps, mem and a wake-up pipe.  A
+ * program may close descriptors it never opened: a daemon closes all it
+ * inherited (close_range, closefrom, or close in a loop), and the numbers
+ * then go to its own files.  The agent would then write to, read from or
+ * close the program's files, and a userfaultfd closed under it
+ * unregisters its ranges: a page the agent has moved out would read as
+ * zeros.
  *
  * So the agent's descriptors are moved above fd_floor (below 1024, out of
  * select's way, above what programs usually reach), close, close_range
@@ -34,7 +35,7 @@
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
 
-#define NOWN 8
+#define NOWN 12
 
 static _Atomic int own_fd[NOWN] = { [0 ... NOWN - 1] = -1 };
 

@@ -304,27 +304,24 @@ static void reapply_flags(struct sp_agent *a, uintptr_t s, size_t len)
 /* Give [p, p + n pages) private copies again without changing a byte. */
 static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
 {
-	char path[64];
-	int fd;
-
 	if (sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
 		return;
 	/* Read-only mapping: write each page's first byte back through
 	 * /proc/self/mem (FOLL_FORCE breaks CoW); nobody can write these
-	 * pages concurrently, they are not writable. */
-	snprintf(path, sizeof(path), "/proc/self/mem");
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
+	 * pages concurrently, they are not writable.  The descriptor is the
+	 * agent's own, kept open (fds.c): one opened here could be closed
+	 * by the program and its number given to a file of the program's,
+	 * which the write would then go to. */
+	if (a->memfd < 0)
 		return;
 	for (size_t i = 0; i < n; i++) {
 		char c;
 		off_t off = (off_t)(p + i * SP_PAGE);
 
-		if (pread(fd, &c, 1, off) == 1 && pwrite(fd, &c, 1, off) != 1)
+		if (pread(a->memfd, &c, 1, off) == 1 &&
+		    pwrite(a->memfd, &c, 1, off) != 1)
 			log_warn("unmerge %#lx", (unsigned long)off);
 	}
-	close(fd);
-	(void)a;
 }
 
 /*

@@ -145,6 +145,7 @@ struct sp_agent {
 	int tracking;		/* interposers keep regions up to date */
 	int active;		/* connected and merging */
 	int sock, uffd, poolfd, pagemap, mapsfd, wakefd[2];
+	int memfd;		/* /proc/self/mem, to break CoW by writing */
 	int safety;		/* 1: UFFDIO_MOVE */
 	int shmem_wp;		/* pool mappings can be write-protected */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
