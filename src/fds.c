@@ -187,13 +187,17 @@ SAMEPAGE_API void closefrom(int lowfd)
 	close_range((unsigned)lowfd, ~0U, 0);
 }
 
-/* Before the program's descriptor takes the number of one of ours: ours
- * moves.  With the agent lock held. */
+/*
+ * Before the program's descriptor takes the number of one of ours: ours
+ * moves.  With the agent lock held.  Not in a vfork child (another pid,
+ * the parent's memory, its own descriptor table): the parent's numbers
+ * must not change for a table they are not in.
+ */
 static int make_room(int fd)
 {
 	int n;
 
-	if (!is_own(fd))
+	if (!is_own(fd) || getpid() != sp_agent.pid)
 		return 0;
 	n = fcntl(fd, F_DUPFD_CLOEXEC, fd_floor());
 	if (n < 0)
