@@ -44,7 +44,7 @@ endif
 
 LIB_SRC    := proto.c log.c util.c region.c uffd.c merge.c agent.c interpose.c fds.c
 DAEMON_SRC := samepaged.c scan.c client.c pool.c index.c proto.c log.c util.c
-CLI_SRC    := samepage.c proto.c log.c util.c
+CLI_SRC    := samepage.c estimate.c proto.c log.c util.c
 
 LIB_OBJ    := $(LIB_SRC:%.c=$(BUILD)/lib/%.o)
 PRE_OBJ    := $(LIB_SRC:%.c=$(PRE_DIR)/%.o) $(PRE_DIR)/preload.o
@@ -80,7 +80,7 @@ lib/libsamepage_preload.so: $(PRE_OBJ) $(STAMP) | lib
 bin/samepaged: $(DAEMON_OBJ) $(STAMP) | bin
 	$(CC) $(LDFLAGS) -o $@ $(DAEMON_OBJ) -lxxhash $(LDLIBS)
 bin/samepage: $(CLI_OBJ) $(STAMP) | bin
-	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) $(LDLIBS)
+	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) -lxxhash $(LDLIBS)
 
 include tests/tests.mk
 

@@ -28,6 +28,7 @@ static const char usage_text[] =
 	"       samepage status [--json | --prometheus]\n"
 	"       samepage set knob=value ...\n"
 	"       samepage unmerge\n"
+	"       samepage estimate [--json] pid ...\n"
 	"knobs: pages_to_scan, sleep_millisecs, run (0 stop, 1 run, 2 unmerge "
 	"and stop), use_zero_pages\n"
 	"See samepage(1).\n";
@@ -481,6 +482,8 @@ int main(int argc, char **argv)
 		return cmd_status(argc - 1, argv + 1);
 	if (!strcmp(argv[1], "set"))
 		return cmd_set(argc - 1, argv + 1);
+	if (!strcmp(argv[1], "estimate"))
+		return cmd_estimate(argc - 1, argv + 1);
 	if (!strcmp(argv[1], "unmerge")) {
 		char set[] = "set", run2[] = "run=2";
 		char *a[] = { set, run2, NULL };

@@ -35,6 +35,9 @@
 void sp_fatal(const char *file, int line, const char *what)
 	__attribute__((noreturn));
 
+/* ---- estimate.c (the command) ------------------------------------- */
+int cmd_estimate(int argc, char **argv);
+
 /* ---- log.c: OpenBSD-style logging ---------------------------------- */
 enum { LOG_TO_STDERR = 1, LOG_TO_SYSLOG = 2, LOG_TO_FN = 3 };
 void log_init(int where, int verbose, const char *ident);
