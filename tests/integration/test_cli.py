@@ -9,7 +9,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import (BIN, LIB, TESTBIN, Env, Proc, Skip, check,  # noqa: E402
-                    converge, run_tests, shared, twins, wait_for)
+                    converge, run_tests, sanitizer_build, shared, twins,
+                    wait_for)
 
 SAMEPAGE = os.path.join(BIN, "samepage")
 
@@ -201,11 +202,14 @@ def test_estimate():
         st = est()
         d = {k: st[k] - base[k] for k in ("pages_scanned", "pages_shared",
                                           "pages_sharing", "ksm_zero_pages")}
-        # the programs' own few pages (stdio, heap) may move too
-        check(2500 <= d["pages_scanned"] <= 2520 and
+        # The programs' own few pages (stdio, heap) may move too; under a
+        # sanitizer its shadow (anonymous, mostly zeros) grows with them.
+        slack = 1000 if sanitizer_build() else 20
+        check(2500 <= d["pages_scanned"] <= 2500 + slack and
               1000 <= d["pages_shared"] <= 1005 and
               1000 <= d["pages_sharing"] <= 1005 and
-              500 <= d["ksm_zero_pages"] <= 505, f"estimate moved by {d}")
+              500 <= d["ksm_zero_pages"] <= 500 + slack,
+              f"estimate moved by {d}")
         check(st["bytes_saved"] == (st["pages_sharing"] +
                                     st["ksm_zero_pages"]) * 4096,
               "bytes_saved is not (sharing + zero) pages")
