@@ -4,9 +4,9 @@
  *
  * For each process it takes the mappings samepage would merge if the
  * program opted all of them in (PR_SET_MEMORY_MERGE; `run --all` leaves
- * out those under 1 MiB too):
- * private anonymous, readable, not executable, not the stack.  It reads
- * their pagemap and skips pages that are not present (reading them would
+ * out those under 1 MiB too): private anonymous, readable, not
+ * executable, not the stack, not bigger than RAM (a reservation, such as
+ * a sanitizer's shadow).  It reads their pagemap and skips pages that are not present (reading them would
  * allocate them: this kernel has no zero page), reads the rest with
  * process_vm_readv and hashes them with xxh3.  A physical page is counted
  * once (by PFN, which pagemap shows to root): pages shared after fork or
@@ -189,6 +189,7 @@ static int scan_proc(struct proc_est *p, struct tally *pfns, uint8_t *buf,
 		     uint64_t *scanned)
 {
 	char path[64], line[512];
+	uint64_t ram_pages = (uint64_t)sysconf(_SC_PHYS_PAGES);
 	FILE *maps;
 	int pm, r = 0;
 
@@ -216,7 +217,9 @@ static int scan_proc(struct proc_est *p, struct tally *pfns, uint8_t *buf,
 	while (r == 0 && fgets(line, sizeof(line), maps)) {
 		uintptr_t s, e;
 
-		if (candidate(line, &s, &e))
+		/* A mapping bigger than RAM is a reservation (a sanitizer's
+		 * shadow): its pagemap alone would take minutes to read. */
+		if (candidate(line, &s, &e) && (e - s) / SP_PAGE <= ram_pages)
 			r = scan_range(p, pm, s, e, pfns, buf, scanned);
 	}
 	fclose(maps);
