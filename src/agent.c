@@ -170,18 +170,24 @@ void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e)
 		log_debug("notify daemon failed");
 }
 
-static void close_fd(int *fd)
+/* The descriptors the agent keeps, out of the program's reach (fds.c);
+ * the pool's is last. */
+#define NFDS 8
+static void agent_fds(struct sp_agent *a, int *f[NFDS])
 {
-	sp_fd_close(fd);
+	int *all[NFDS] = { &a->sock,   &a->uffd,  &a->pagemap,	 &a->mapsfd,
+			   &a->memfd, &a->wakefd[0], &a->wakefd[1], &a->poolfd };
+
+	memcpy(f, all, sizeof(all));
 }
 
 /* With the lock held: one of ours now has another number (fds.c). */
 void agent_fd_moved(struct sp_agent *a, int from, int to)
 {
-	int *f[] = { &a->sock,	  &a->uffd,	 &a->poolfd,	&a->pagemap,
-		     &a->mapsfd, &a->memfd, &a->wakefd[0], &a->wakefd[1] };
+	int *f[NFDS];
 
-	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
+	agent_fds(a, f);
+	for (size_t i = 0; i < NFDS; i++)
 		if (*f[i] == from)
 			*f[i] = to;
 	/* the agent's poll may be waiting on the old number */
@@ -189,14 +195,24 @@ void agent_fd_moved(struct sp_agent *a, int from, int to)
 		log_debug("cannot wake the agent");
 }
 
-/* The descriptors the agent keeps, out of the program's reach (fds.c). */
 static void keep_fds(struct sp_agent *a)
 {
-	int *f[] = { &a->sock,	  &a->uffd,	 &a->poolfd,	&a->pagemap,
-		     &a->mapsfd, &a->memfd, &a->wakefd[0], &a->wakefd[1] };
+	int *f[NFDS];
 
-	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++)
+	agent_fds(a, f);
+	for (size_t i = 0; i < NFDS; i++)
 		*f[i] = sp_fd_keep(*f[i]);
+}
+
+/* All but the pool's, which stays for the pool mappings' sake until a
+ * new daemon sends its own. */
+static void close_fds(struct sp_agent *a)
+{
+	int *f[NFDS];
+
+	agent_fds(a, f);
+	for (size_t i = 0; i < NFDS - 1; i++)
+		sp_fd_close(f[i]);
 }
 
 static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
@@ -300,7 +316,7 @@ static void *agent_main(void *arg)
 	}
 	pthread_mutex_lock(&a->lock);
 	a->active = 0;
-	close_fd(&a->sock);
+	sp_fd_close(&a->sock);
 	pthread_mutex_unlock(&a->lock);
 	log_warnx("daemon went away: merging stopped, merged memory stays "
 		  "valid");
@@ -331,12 +347,12 @@ static int hello(struct sp_agent *a)
 		if (m.type == SP_ERROR)
 			log_warnx("daemon refused this process: %s",
 				  m.u.error->msg);
-		close_fd(&fd);
+		sp_fd_close(&fd);
 		return -EPROTO;
 	}
 	tv.tv_sec = 0;
 	setsockopt(a->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-	close_fd(&a->poolfd);
+	sp_fd_close(&a->poolfd);
 	a->poolfd = fd;
 	a->pool_bytes = m.u.welcome->pool_bytes;
 	a->daemon_pid = m.u.welcome->daemon_pid;
@@ -556,11 +572,7 @@ static int agent_start(struct sp_agent *a)
 		agent_sweep_any(a);	/* --all: what libc mapped already */
 	return 0;
 fail:
-	close_fd(&a->sock);
-	close_fd(&a->uffd);
-	close_fd(&a->pagemap);
-	close_fd(&a->mapsfd);
-	close_fd(&a->memfd);
+	close_fds(a);
 	return r;
 }
 
@@ -585,13 +597,7 @@ static void atfork_child(void)
 	a->thread_started = 0;
 	/* locks are not inherited */
 	a->locked_all = a->def_locked = a->scratch_locked = 0;
-	close_fd(&a->sock);
-	close_fd(&a->uffd);
-	close_fd(&a->pagemap);
-	close_fd(&a->mapsfd);
-	close_fd(&a->memfd);
-	close_fd(&a->wakefd[0]);
-	close_fd(&a->wakefd[1]);
+	close_fds(a);
 	if (was_active && !getenv("SAMEPAGE_NO_FORK_RESTART"))
 		agent_start(a);
 	pthread_mutex_unlock(&a->lock);
@@ -641,9 +647,9 @@ SAMEPAGE_API void samepage_shutdown(void)
 		pthread_join(t, NULL);
 	pthread_mutex_lock(&a->lock);
 	a->active = 0;
-	close_fd(&a->sock);
-	close_fd(&a->wakefd[0]);
-	close_fd(&a->wakefd[1]);
+	sp_fd_close(&a->sock);
+	sp_fd_close(&a->wakefd[0]);
+	sp_fd_close(&a->wakefd[1]);
 	pthread_mutex_unlock(&a->lock);
 }
 
