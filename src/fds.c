@@ -61,6 +61,18 @@ static bool is_own(int fd)
 	return false;
 }
 
+/* Is one of ours in [first, last]?  (Ours move only under the lock.) */
+static bool own_in(unsigned first, unsigned last)
+{
+	for (int i = 0; i < NOWN; i++) {
+		int f = atomic_load_explicit(&own_fd[i], memory_order_relaxed);
+
+		if (f >= 0 && (unsigned)f >= first && (unsigned)f <= last)
+			return true;
+	}
+	return false;
+}
+
 static int real_close(int fd)
 {
 	static void *_Atomic slot;
@@ -149,7 +161,8 @@ SAMEPAGE_API int close_range(unsigned first, unsigned last, int flags)
 	unsigned lo = first;
 	int r = 0, calls = 0;
 
-	if ((flags & CLOSE_RANGE_CLOEXEC) || first > last)
+	if ((flags & CLOSE_RANGE_CLOEXEC) || first > last ||
+	    !own_in(first, last))
 		return real_close_range(first, last, flags);
 	pthread_mutex_lock(&a->lock);	/* no descriptor moves meanwhile */
 	while (lo <= last && r == 0) {
