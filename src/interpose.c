@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <link.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -126,12 +127,15 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
  */
 static bool under_sanitizer(void)
 {
-	static int sanitized = -1;
+	static _Atomic int sanitized = -1;	/* asked from any thread */
+	int s = atomic_load_explicit(&sanitized, memory_order_relaxed);
 
-	if (sanitized < 0)
-		sanitized = dlsym(RTLD_DEFAULT, "__asan_init") ||
-			    dlsym(RTLD_DEFAULT, "__tsan_init");
-	return sanitized;
+	if (s < 0) {
+		s = dlsym(RTLD_DEFAULT, "__asan_init") ||
+		    dlsym(RTLD_DEFAULT, "__tsan_init");
+		atomic_store_explicit(&sanitized, s, memory_order_relaxed);
+	}
+	return s;
 }
 
 static void note_mlockall(struct sp_agent *a, int flags)
