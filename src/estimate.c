@@ -190,18 +190,18 @@ static int scan_proc(struct proc_est *p, struct tally *pfns, uint8_t *buf,
 {
 	char path[64], line[512];
 	uint64_t ram_pages = (uint64_t)sysconf(_SC_PHYS_PAGES);
-	FILE *maps;
+	FILE *comm, *maps;
 	int pm, r = 0;
 
 	snprintf(path, sizeof(path), "/proc/%d/comm", (int)p->pid);
-	maps = fopen(path, "re");
-	if (maps) {
-		if (fgets(p->comm, sizeof(p->comm), maps))
+	comm = fopen(path, "re");
+	if (comm) {
+		if (fgets(p->comm, sizeof(p->comm), comm))
 			p->comm[strcspn(p->comm, "\n")] = 0;
 		for (char *c = p->comm; *c; c++)	/* printable in JSON */
 			if (*c < 0x20 || *c == '"' || *c == '\\')
 				*c = '?';
-		fclose(maps);
+		fclose(comm);
 	}
 	snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)p->pid);
 	pm = open(path, O_RDONLY | O_CLOEXEC);
