@@ -211,14 +211,18 @@ def test_program_closes_and_reuses_descriptors():
             p.map(3000)
             p.ok("fill 1 0 3000")
         a.ok("closefds")          # reopens 3..50 for itself
-        a.ok("dup2high 1000 1011")
+        fd = f"/proc/{a.pid}/fd"
+        theirs = [n for n in range(1000, 1012) if os.path.exists(f"{fd}/{n}")]
+        check(any(os.readlink(f"{fd}/{n}") == "anon_inode:[userfaultfd]"
+                  for n in theirs),
+              f"the agent's userfaultfd is not among 1000..1011: {theirs}")
+        a.ok("dup2high 1000 1011")  # over the agent's: they must move
         for p in (a, b):
             p.ok("merge")
         converge(e.d, "pages_sharing", 3000)
         check(shared(a, b) == 3000, "not merged after the program's closes")
         check(a.stats()["active"] == "1", "agent stopped")
         a.ok("checkfds")
-        fd = f"/proc/{a.pid}/fd"
         for n in list(range(3, 51)) + list(range(1000, 1012)):
             check(os.path.exists(f"{fd}/{n}"), f"the program's fd {n} closed")
         for n in range(1000, 1012):
