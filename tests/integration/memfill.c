@@ -6,6 +6,9 @@
  *
  *   map N                 mmap N private anonymous pages (the region)
  *   mapshared N           the same, MAP_SHARED (KSM ignores these)
+ *   maphuge N             the same, aligned to 2 MiB and given
+ *                         MADV_HUGEPAGE, so that the kernel backs it
+ *                         with transparent huge pages when it can
  *   mapmalloc N           the region from posix_memalign (malloc's mmap)
  *   freemalloc            free(3) it (glibc unmaps it itself)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
@@ -66,6 +69,10 @@
  *                         serving on the same stdin/stdout is NOT done:
  *                         the child checks SEED 1 after 1.5 s, twice,
  *                         and exits 0 if intact (see tests)
+ *   forkmap N             fork; the child maps N fresh pages, fills
+ *                         them with SEED 1 and answers through the
+ *                         parent "ok PID ADDR GETPRCTL"; it waits for
+ *                         "wait", then checks them and exits 0 if intact
  *   wait                  wait for the forked child: "ok STATUS"
  *   cmpfile FILE P        page P equals the first page of FILE
  *   mmapmany N            N more small mappings of the program's own
@@ -458,6 +465,59 @@ static void cmd_uread(const char *file, size_t page)
 }
 
 static pid_t child;
+static int child_go = -1;	/* forkmap: write end of the child's go pipe */
+
+static void cmd_forkmap(size_t n)
+{
+	int up[2], go[2];
+	pid_t pid;
+
+	if (pipe(up) || pipe(go)) {
+		printf("err pipe\n");
+		return;
+	}
+	pid = fork();
+	if (pid == 0) {
+		char msg[128], c;
+		int len;
+
+		close(up[0]);
+		close(go[1]);
+		region = mmap(NULL, n * PG, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (region == MAP_FAILED)
+			_exit(2);
+		npages = n;
+		fill(1, 0, n);
+		len = snprintf(msg, sizeof(msg), "%d %p %d", (int)getpid(),
+			       (void *)region,
+			       prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0));
+		if (write(up[1], msg, (size_t)len) != len)
+			_exit(2);
+		close(up[1]);
+		if (read(go[0], &c, 1) < 0)
+			_exit(2);
+		_exit(check(1, 0, n) < 0 ? 0 : 1);
+	}
+	close(up[1]);
+	close(go[0]);
+	if (pid < 0) {
+		close(up[0]);
+		close(go[1]);
+		printf("err fork\n");
+		return;
+	}
+	char msg[128] = "";
+	ssize_t r = read(up[0], msg, sizeof(msg) - 1);
+
+	close(up[0]);
+	child = pid;
+	child_go = go[1];
+	if (r > 0)
+		printf("ok %s\n", msg);
+	else
+		printf("err child\n");
+}
 
 static void cmd_fork(void)
 {
@@ -482,6 +542,10 @@ static void cmd_wait(void)
 {
 	int st = -1;
 
+	if (child_go >= 0) {
+		close(child_go);	/* EOF: the forkmap child checks, exits */
+		child_go = -1;
+	}
 	if (child <= 0 || waitpid(child, &st, 0) < 0)
 		printf("err wait\n");
 	else
@@ -655,7 +719,24 @@ int main(int argc, char **argv)
 	if (argc > 1 && !strcmp(argv[1], "--execd"))
 		printf("ok\n");	/* the reply to "exec" */
 	while (fgets(line, sizeof(line), stdin)) {
-		if (sscanf(line, "map %lu", &x) == 1 ||
+		if (sscanf(line, "maphuge %lu", &x) == 1) {
+			const size_t huge = 2UL << 20;
+			uint8_t *m = mmap(NULL, x * PG + huge,
+					  PROT_READ | PROT_WRITE,
+					  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+			if (m == MAP_FAILED) {
+				printf("err\n");
+				continue;
+			}
+			region = (uint8_t *)(((uintptr_t)m + huge - 1) &
+					     ~(uintptr_t)(huge - 1));
+			npages = x;
+			if (madvise(region, x * PG, MADV_HUGEPAGE))
+				printf("err %s\n", strerror(errno));
+			else
+				printf("ok %p\n", (void *)region);
+		} else if (sscanf(line, "map %lu", &x) == 1 ||
 		    sscanf(line, "mapshared %lu", &x) == 1) {
 			int shared = line[3] == 's';
 
@@ -768,6 +849,8 @@ int main(int argc, char **argv)
 			cmd_direct((unsigned)x, (double)y, a1);
 		} else if (sscanf(line, "uread %255s %lu", a1, &x) == 2) {
 			cmd_uread(a1, x);
+		} else if (sscanf(line, "forkmap %lu", &x) == 1) {
+			cmd_forkmap(x);
 		} else if (!strncmp(line, "fork", 4)) {
 			cmd_fork();
 		} else if (!strncmp(line, "wait", 4)) {

@@ -8,8 +8,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import (PAGE, Env, Skip, check, converge, meminfo,  # noqa: E402
-                    pool_vmas, run_tests, sanitizer_build, shared, twins,
-                    wait_for)
+                    pfns, pool_vmas, run_tests, sanitizer_build, shared,
+                    twins, wait_for)
 
 
 def test_two_processes_share(env=None):
@@ -258,6 +258,68 @@ def test_prctl_survives_exec():
         check(a.ok("getprctl") == "0", "PR_GET_MEMORY_MERGE != 0 after exec")
 
 
+def test_prctl_holds_in_forked_children():
+    """As with the kernel, which copies MMF_VM_MERGE_ANY on fork, a child
+    forked after PR_SET_MEMORY_MERGE has it set, and the memory it maps
+    later merges with another program's."""
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        a.ok("prctl 1")
+        pid, addr, get = a.ok("forkmap 2000").split()
+        check(get == "1", f"PR_GET_MEMORY_MERGE in the child: {get}")
+        b.map(2000)
+        b.ok("fill 1 0 2000")
+        b.ok("merge")
+        converge(e.d, "pages_sharing", 2000)
+        child = pfns(int(pid), int(addr, 16), 2000)
+        n = sum(1 for x, y in zip(child, b.pfns())
+                if x is not None and x == y)
+        check(n == 2000, f"{n} of the child's 2000 pages shared")
+        check(a.ok("wait") == "0", "the child saw wrong contents")
+        b.ok("check 1 0 2000")
+
+
+def anon_huge_kb(pid, addr):
+    """AnonHugePages of the mapping at addr, from smaps."""
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_huge_pages_merge():
+    """Memory the kernel backs with transparent huge pages
+    (MADV_HUGEPAGE) merges page by page, as KSM splits and merges it;
+    copy-on-write and contents as for small pages."""
+    n = 2048  # 8 MiB: four huge pages
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        if "[never]" in f.read():
+            raise Skip("transparent huge pages are off (enabled: never)")
+    with Env() as e:
+        ps = [e.proc(), e.proc()]
+        for p in ps:
+            p.addr, p.npages = int(p.ok(f"maphuge {n}"), 16), n
+            p.ok(f"fill 1 0 {n}")
+        huge = anon_huge_kb(ps[0].pid, ps[0].addr)
+        if huge == 0:
+            raise Skip("the kernel gave no huge page to an aligned "
+                       "MADV_HUGEPAGE range (none free?)")
+        for p in ps:
+            p.ok("merge")
+        a, b = ps
+        shared_then_cow(e, a, b, n)
+        check(shared(a, b) == n - 1, f"{shared(a, b)} of {n - 1} still "
+              "shared after one write")
+        check(anon_huge_kb(a.pid, a.addr) < huge,
+              f"still {anon_huge_kb(a.pid, a.addr)} kB of huge pages")
+
+
 def test_runs_across_vma_boundaries():
     """A run of duplicates that spans two anonymous VMAs (split here by
     MADV_DONTDUMP) merges whole: no page is written off as immovable."""
@@ -463,6 +525,8 @@ if __name__ == "__main__":
         test_unmerge_madvise,
         test_prctl_merge_any,
         test_prctl_survives_exec,
+        test_prctl_holds_in_forked_children,
+        test_huge_pages_merge,
         test_runs_across_vma_boundaries,
         test_malloc_memory_merges,
         test_prctl_takes_malloc_memory,
