@@ -39,6 +39,72 @@ def test_hammer_no_lost_writes():
               flush=True)
 
 
+def test_remote_reads_never_see_wrong_bytes():
+    """Another process reading the program's memory (/proc/PID/mem, as a
+    debugger or ptrace does) while pages are merged and unmerged over and
+    over gets the right bytes or, for a page moved out at that instant,
+    EIO: the kernel cannot make such a read wait (handle_userfault
+    fails faults that may not be retried).  Never zeros or another
+    page's bytes."""
+    import random
+    n = 4000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+        fd = os.open(f"/proc/{a.pid}/mem", os.O_RDONLY)
+        try:
+            want = os.pread(fd, n * PAGE, a.addr)
+            check(len(want) == n * PAGE, "short read before merging")
+            for p in (a, b):
+                p.ok("merge")
+            stop = threading.Event()
+            cycles = [0]
+
+            def churn():
+                while not stop.is_set():
+                    a.ok("unmerge")
+                    a.ok("merge")
+                    time.sleep(0.2)
+                    cycles[0] += 1
+
+            th = threading.Thread(target=churn)
+            th.start()
+            good = eio = 0
+            wrong = []
+            rnd = random.Random(1)
+            end = time.monotonic() + 4
+            try:
+                while time.monotonic() < end:
+                    pg = rnd.randrange(n - 16)
+                    try:
+                        got = os.pread(fd, 16 * PAGE, a.addr + pg * PAGE)
+                    except OSError as ex:
+                        check(ex.errno == 5, f"read failed: {ex}")
+                        eio += 1
+                        continue
+                    # a read that meets a page moved out stops there
+                    if len(got) < 16 * PAGE:
+                        eio += 1
+                    if got != want[pg * PAGE:pg * PAGE + len(got)]:
+                        wrong.append(pg)
+                    good += 1
+            finally:
+                stop.set()
+                th.join()
+        finally:
+            os.close(fd)
+        check(not wrong, f"{len(wrong)} reads saw wrong bytes, first at "
+              f"page {wrong[:1]}")
+        check(good > 1000, f"only {good} reads succeeded")
+        check(cycles[0] >= 5, f"only {cycles[0]} merge cycles")
+        a.ok(f"check 1 0 {n}")
+        b.ok(f"check 1 0 {n}")
+        print(f"  {good} reads right, {eio} EIO, {cycles[0]} merge "
+              "cycles", flush=True)
+
+
 def test_unmerge_while_writing():
     """Unmerging copies pool pages into fresh anonymous mappings that
     replace them (so that they can merge again); writer threads hammer
@@ -706,6 +772,7 @@ if __name__ == "__main__":
     sys.exit(run_tests([
         test_hammer_no_lost_writes,
         test_unmerge_while_writing,
+        test_remote_reads_never_see_wrong_bytes,
         test_pinned_never_merged,
         test_odirect_reads_while_merging,
         test_fork_child_and_gc,
