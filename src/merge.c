@@ -215,7 +215,7 @@ static int run_prot(const struct sp_agent *a, uintptr_t s, size_t len)
  * see ro_open).
  */
 static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
-		    uint8_t *in, struct sp_item_result *res)
+		    uint8_t *in, uint8_t *busy, struct sp_item_result *res)
 {
 	size_t i = 0, k, moved, step = n;
 	int tries = 0, r;
@@ -240,7 +240,7 @@ static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 			continue;
 		}
 		if (r == -EBUSY)	/* pinned, or shared after fork */
-			a->figs.pinned_skipped++;
+			busy[i] = 1;	/* see unshare_forked */
 		else if (r == -EINVAL) {	/* not an anonymous VMA */
 			/* (or a read-only page in an item not all read-only:
 			 * the daemon plans it again, in an item of its own) */
@@ -672,13 +672,45 @@ void agent_release_scratch(struct sp_agent *a)
 	a->scratch_used = 0;
 }
 
+/*
+ * Pages UFFDIO_MOVE refused with EBUSY are pinned for I/O, or shared by
+ * a parent and its child since fork (not exclusive in pagemap).  A
+ * shared page is never pinned: fork copies a pinned page for the child
+ * at once, and a pin makes a shared page the pinner's own first.  So a
+ * shared page is given a copy of its own here, as a write would give it,
+ * without changing a byte (MADV_POPULATE_WRITE).  The daemon plans it
+ * again, and its next pass merges it, as KSM merges such pages; the
+ * other process's copy is then its own alone, and merges too.  Called
+ * once the range is no longer registered: a page libc dropped meanwhile
+ * (its own MADV_DONTNEED) faults in as the zeros it reads anyway, and
+ * never waits for this thread.  Read-only ranges are left as they are.
+ */
+static void unshare_forked(struct sp_agent *a, uintptr_t addr, size_t n,
+		    const uint8_t *busy, bool ro)
+{
+	uint64_t pm[SP_ITEM_PAGES];
+	bool known = !ro && sp_pagemap_read(a->pagemap, addr, n, pm) == 0;
+
+	for (size_t i = 0; i < n; i++) {
+		if (!busy[i])
+			continue;
+		if (known &&
+		    (pm[i] & (PM_PRESENT | PM_FILE | PM_EXCL)) == PM_PRESENT &&
+		    sys_madvise((void *)(addr + i * SP_PAGE), SP_PAGE,
+				MADV_POPULATE_WRITE) == 0)
+			continue;
+		a->figs.pinned_skipped++;
+	}
+}
+
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res)
 {
 	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
 	uint8_t back[SP_ITEM_PAGES] = { 0 };	/* to put back, read-only */
+	uint8_t busy[SP_ITEM_PAGES] = { 0 };	/* refused: see unshare_forked */
 	size_t n = it->npages, len = n * SP_PAGE, i, j;
-	bool ro;
+	bool ro, ok;
 	int r, r2;
 
 	memset(res, 0, sizeof(*res));
@@ -707,7 +739,7 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		agent_release_scratch(a);
 	a->slot = a->scratch + a->scratch_used * SP_PAGE;
 	a->scratch_used += n;
-	r = move_out(a, it->addr, n, in, res);
+	r = move_out(a, it->addr, n, in, busy, res);
 	if (fault("delay"))
 		usleep(200000);	/* widen the window for tests */
 	compare(a, it, in, eq);
@@ -733,8 +765,11 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		restore(a, it->addr, back, 0, n, true);
 	}
 	uffd_wake(a->uffd, it->addr, len);
-	if (uffd_unregister(a->uffd, it->addr, len) < 0)
+	ok = uffd_unregister(a->uffd, it->addr, len) == 0;
+	if (!ok)	/* then a populate could wait on this thread */
 		log_warn("unregister %#lx", (unsigned long)it->addr);
+	if (memchr(busy, 1, n))
+		unshare_forked(a, it->addr, n, busy, ro || !ok);
 	return r;
 }
 

@@ -4,14 +4,15 @@
  *
  * DESIGN
  * Per chunk of a range: read the client's pagemap, skip pages that are
- * not present (reading them would allocate them on this kernel), already
- * merged, or shared after fork (UFFDIO_MOVE cannot take those); read the
- * rest with process_vm_readv and hash them with xxh3.  A page is a
+ * not present (reading them would allocate them on this kernel) or
+ * already merged; read the rest with process_vm_readv and hash them with
+ * xxh3.  A page is a
  * candidate only once its hash is unchanged since the previous pass (the
  * volatility filter).  A candidate equal to a pool page (full compare)
  * is planned onto it; an all-zero one is planned as a zero page; one equal
  * to a page in the unstable table (re-read and compared in full) gets a
- * new pool slot, and both are planned onto it.  Plans for consecutive
+ * new pool slot, and both are planned onto it, unless they are one frame
+ * shared after fork.  Plans for consecutive
  * pages with consecutive slots become one item: one mapping in the client.
  * The agent compares again before anything is replaced.
  */
@@ -104,17 +105,33 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 		return false;
 	if (pm & PM_FILE)
 		return false;		/* a pool page: still merged */
-	if (ST_IS_POOL(st->slot))
-		client_release(c, &d->pool, st);	/* CoW broken */
-	if (!(pm & PM_EXCL))
-		return false;		/* zero page, or shared after fork */
-	client_release(c, &d->pool, st);	/* a zero page written */
+	if (!(pm & PM_EXCL) &&
+	    (st->slot == ST_ZERO || !PM_PFN(pm) || PM_PFN(pm) == d->zero_pfn))
+		return false;	/* the zero page, or PFNs hidden: cannot tell */
+	/* Otherwise a page of the program's own: a pool page whose
+	 * copy-on-write was broken, a zero page written, or either shared
+	 * after fork (not exclusive: the agent gives it its own copy
+	 * first, as a write would, and merges it then). */
+	client_release(c, &d->pool, st);
 	return true;
+}
+
+/*
+ * Two pages that are both not mapped exclusively may be one frame,
+ * shared by a parent and its child since fork: merging them would save
+ * nothing.  Pair them only when pagemap shows two frames.
+ */
+static bool two_frames(struct client *oc, uint64_t oaddr, uint64_t pm)
+{
+	uint64_t opm;
+
+	return PM_PFN(pm) && sp_pagemap_read(oc->pagemap, oaddr, 1, &opm) == 0 &&
+	       PM_PFN(opm) && PM_PFN(opm) != PM_PFN(pm);
 }
 
 static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 		     uint64_t addr, const uint8_t *page, uint64_t h,
-		     struct ut_entry *e)
+		     uint64_t pm, struct ut_entry *e)
 {
 	struct client *oc = client_by_id(d, e->client);
 	struct pstate *ost;
@@ -126,6 +143,8 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 	ost = client_page(oc, e->addr);
 	if (!ost || (ost->flags & PS_INFLIGHT) || ost->slot != ST_NONE ||
 	    ost->hash != h)
+		return false;
+	if (e->shared && !(pm & PM_EXCL) && !two_frames(oc, e->addr, pm))
 		return false;
 	ro.iov_base = (void *)(uintptr_t)e->addr;
 	ro.iov_len = SP_PAGE;
@@ -142,7 +161,7 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 }
 
 static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
-			struct pstate *st, const uint8_t *page)
+			struct pstate *st, const uint8_t *page, uint64_t pm)
 {
 	uint64_t h = XXH3_64bits(page, SP_PAGE);
 	struct ut_entry *e;
@@ -157,6 +176,8 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	}
 	if (c->ninflight >= max_inflight)
 		return;
+	if (!(pm & PM_EXCL) && h == d->zero_hash && sp_page_is_zero(page))
+		return;	/* maybe the zero page, copied by fork: no gain */
 	if (d->use_zero_pages && h == d->zero_hash && sp_page_is_zero(page)) {
 		plan(d, c, st, addr, SP_ITEM_ZERO, 0);
 		return;
@@ -168,9 +189,9 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	}
 	e = ut_find(&d->ut, h);
 	if (e && !(e->client == c->id && e->addr == addr) &&
-	    try_pair(d, c, st, addr, page, h, e))
+	    try_pair(d, c, st, addr, page, h, pm, e))
 		return;
-	ut_put(&d->ut, h, c->id, addr);
+	ut_put(&d->ut, h, c->id, addr, !(pm & PM_EXCL));
 }
 
 /*
@@ -216,7 +237,7 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 			break;
 		}
 		handle_page(d, c, base + idx[k] * SP_PAGE, &r->st[first + idx[k]],
-			    d->buf + k * SP_PAGE);
+			    d->buf + k * SP_PAGE, pm[idx[k]]);
 	}
 	d->pages_scanned += nc;
 	return nc;

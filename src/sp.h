@@ -289,6 +289,7 @@ struct pool {
 struct ut_entry {
 	uint64_t hash, addr;
 	int client;	/* 0: empty */
+	uint32_t shared;	/* not mapped exclusively: maybe after fork */
 };
 
 struct unstable {
@@ -310,6 +311,7 @@ struct daemon {
 	struct pool pool;
 	struct unstable ut;
 	uint64_t zero_hash;
+	uint64_t zero_pfn;	/* the kernel's zero page; 0: unknown */
 	uint8_t *buf, *cmp;
 	int unmerge_waiter;	/* CLI fd waiting for run=2, or -1 */
 	uint64_t unmerge_deadline;
@@ -326,7 +328,8 @@ uint64_t pool_meta_bytes(const struct pool *p);
 
 int ut_init(struct unstable *u, uint64_t cap);
 struct ut_entry *ut_find(struct unstable *u, uint64_t hash);
-void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr);
+void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr,
+	    bool shared);
 void ut_del(struct unstable *u, struct ut_entry *e);
 void ut_clear(struct unstable *u);
 

@@ -70,9 +70,10 @@
  *                         the child checks SEED 1 after 1.5 s, twice,
  *                         and exits 0 if intact (see tests)
  *   forkmap N             fork; the child maps N fresh pages, fills
- *                         them with SEED 1 and answers through the
- *                         parent "ok PID ADDR GETPRCTL"; it waits for
- *                         "wait", then checks them and exits 0 if intact
+ *                         them with SEED 1 (N 0: keeps the region) and
+ *                         answers through the parent "ok PID ADDR
+ *                         GETPRCTL"; it waits for "wait", then checks
+ *                         its region for SEED 1 and exits 0 if intact
  *   wait                  wait for the forked child: "ok STATUS"
  *   cmpfile FILE P        page P equals the first page of FILE
  *   mmapmany N            N more small mappings of the program's own
@@ -483,12 +484,14 @@ static void cmd_forkmap(size_t n)
 
 		close(up[0]);
 		close(go[1]);
-		region = mmap(NULL, n * PG, PROT_READ | PROT_WRITE,
-			      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (region == MAP_FAILED)
-			_exit(2);
-		npages = n;
-		fill(1, 0, n);
+		if (n) {
+			region = mmap(NULL, n * PG, PROT_READ | PROT_WRITE,
+				      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (region == MAP_FAILED)
+				_exit(2);
+			npages = n;
+			fill(1, 0, n);
+		}
 		len = snprintf(msg, sizeof(msg), "%d %p %d", (int)getpid(),
 			       (void *)region,
 			       prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0));
@@ -497,7 +500,7 @@ static void cmd_forkmap(size_t n)
 		close(up[1]);
 		if (read(go[0], &c, 1) < 0)
 			_exit(2);
-		_exit(check(1, 0, n) < 0 ? 0 : 1);
+		_exit(check(1, 0, npages) < 0 ? 0 : 1);
 	}
 	close(up[1]);
 	close(go[0]);

@@ -279,6 +279,40 @@ def test_prctl_holds_in_forked_children():
         b.ok("check 1 0 2000")
 
 
+def test_pages_shared_after_fork_merge():
+    """Pages a parent and its child still share after fork merge too, as
+    KSM merges them: each agent first gives its process a copy of its
+    own (what a write would do), and merges that.  All three processes
+    end on the same frames, and each keeps its bytes."""
+    n = 2000
+    with Env() as e:
+        e.d.set(run=0)
+        a, b = twins(e, n)
+        pid, addr, _ = a.ok("forkmap 0").split()
+        pid, addr = int(pid), int(addr, 16)
+        child = pfns(pid, addr, n)
+        check(sum(1 for x, y in zip(child, a.pfns()) if x and x == y) == n,
+              "the child does not share its parent's frames after fork")
+        e.d.set(run=1)
+        wait_for(lambda: (lambda c: all(x is not None and x == y for x, y
+                                        in zip(c, b.pfns())) or None)(
+                              pfns(pid, addr, n)), 30)
+        child = pfns(pid, addr, n)
+        both = sum(1 for x, y in zip(child, b.pfns()) if x and x == y)
+        check(both == n, f"{both} of the child's {n} pages on b's frames")
+        check(shared(a, b) == n, f"{shared(a, b)} of a's {n} pages shared")
+        st = e.d.status()
+        check(st["pages_shared"] == n and st["pages_sharing"] == 2 * n,
+              f"pages_shared {st['pages_shared']}, pages_sharing "
+              f"{st['pages_sharing']}: want {n}, {2 * n}")
+        check(st["pinned_skipped"] == 0,
+              f"pinned_skipped {st['pinned_skipped']}: none is pinned")
+        a.ok("write 3 1")
+        a.ok(f"check 1 4 {n - 4}")
+        b.ok(f"check 1 0 {n}")
+        check(a.ok("wait") == "0", "the child saw wrong contents")
+
+
 def anon_huge_kb(pid, addr):
     """AnonHugePages of the mapping at addr, from smaps."""
     inside = False
@@ -526,6 +560,7 @@ if __name__ == "__main__":
         test_prctl_merge_any,
         test_prctl_survives_exec,
         test_prctl_holds_in_forked_children,
+        test_pages_shared_after_fork_merge,
         test_huge_pages_merge,
         test_runs_across_vma_boundaries,
         test_malloc_memory_merges,

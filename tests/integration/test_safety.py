@@ -219,6 +219,38 @@ def test_pinned_never_merged():
         b.ok("check 1 0 2000")
 
 
+def test_fork_shared_pages_while_writing():
+    """Pages shared with a child since fork are given copies and merged
+    while writer threads hammer them in the parent: no write lost, and
+    the child keeps its bytes."""
+    n = 8000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        e.d.set(run=0)
+        a, b = twins(e, n)
+        a.ok("forkmap 0")
+        e.d.set(run=1)
+        writes = lost = rounds = merged = 0
+        while rounds < 3:
+            m0 = int(a.stats()["merged"])
+            # most pages unwritten: they merge only by being unshared
+            w, lo = (int(x) for x in a.ok("hammer 2 1 keep 2000").split())
+            merged += int(a.stats()["merged"]) - m0
+            writes += w
+            lost += lo
+            rounds += 1
+        check(lost == 0, f"{lost} of {writes} writes lost")
+        check(merged > n // 2, f"only {merged} of {n} pages merged in the "
+              "parent while hammering")
+        a.ok(f"check 1 0 {n}")
+        b.ok(f"check 1 0 {n}")
+        check(a.ok("wait") == "0", "the child saw wrong contents")
+        st = e.d.status()
+        check(st["pinned_skipped"] == 0,
+              f"pinned_skipped {st['pinned_skipped']}: none is pinned")
+        print(f"  {writes} writes, {merged} pages merged meanwhile",
+              flush=True)
+
+
 def test_fork_child_and_gc():
     """A forked child keeps the merged contents though its parent
     rewrites them and the other sharer exits; the pool is freed only
@@ -775,6 +807,7 @@ if __name__ == "__main__":
         test_remote_reads_never_see_wrong_bytes,
         test_pinned_never_merged,
         test_odirect_reads_while_merging,
+        test_fork_shared_pages_while_writing,
         test_fork_child_and_gc,
         test_exec_stays_under_samepage,
         test_signals_stay_with_the_program,
