@@ -7,8 +7,9 @@
  * out those under 1 MiB too): private anonymous, readable, not
  * executable, not the stack, not bigger than RAM (a reservation, such as
  * a sanitizer's shadow).  It reads their pagemap and skips pages that are not present (reading them would
- * allocate them: this kernel has no zero page), reads the rest with
- * process_vm_readv and hashes them with xxh3.  A physical page is counted
+ * allocate them: this kernel has no zero page), reads the rest
+ * (sp_read_pages: without copying pages shared after fork) and hashes
+ * them with xxh3.  A physical page is counted
  * once (by PFN, which pagemap shows to root): pages shared after fork or
  * merged by kernel KSM are not counted as duplicates of themselves.
  * Pages samepage has merged already are in pool mappings, not anonymous
@@ -132,17 +133,17 @@ static bool candidate(const char *line, uintptr_t *s, uintptr_t *e)
 	       !strncmp(path, "[anon:", 6);
 }
 
-static int scan_range(struct proc_est *p, int pm, uintptr_t s, uintptr_t e,
-		      struct tally *pfns, uint8_t *buf, uint64_t *scanned)
+static int scan_range(struct proc_est *p, int pm, int mem, uintptr_t s,
+		      uintptr_t e, struct tally *pfns, uint8_t *buf,
+		      uint64_t *scanned)
 {
-	static uint64_t v[CHUNK];
-	static struct iovec rio[CHUNK];
+	static uint64_t v[CHUNK], rv[CHUNK];
+	static uintptr_t at[CHUNK];
+	static uint8_t ok[CHUNK];
 
 	for (uintptr_t a = s; a < e; a += CHUNK * SP_PAGE) {
 		size_t n = (e - a) / SP_PAGE < CHUNK ? (e - a) / SP_PAGE : CHUNK;
 		size_t nr = 0;
-		struct iovec lio = { buf, 0 };
-		ssize_t got;
 
 		if (sp_pagemap_read(pm, a, n, v) < 0)
 			return 0;	/* unmapped since: what is left */
@@ -159,20 +160,20 @@ static int scan_range(struct proc_est *p, int pm, uintptr_t s, uintptr_t e,
 				if ((*c)++)
 					continue;
 			}
-			rio[nr].iov_base = (void *)(a + i * SP_PAGE);
-			rio[nr].iov_len = SP_PAGE;
+			at[nr] = a + i * SP_PAGE;
+			rv[nr] = v[i];
 			nr++;
 		}
-		if (!nr)
+		/* pages shared after fork through /proc/PID/mem: a
+		 * process_vm_readv would give the target copies of them */
+		if (!nr || !sp_read_pages(p->pid, mem, at, rv, nr, buf, ok))
 			continue;
-		lio.iov_len = nr * SP_PAGE;
-		got = process_vm_readv(p->pid, &lio, 1, rio, nr, 0);
-		if (got < 0)
-			return errno == EFAULT ? 0 : -errno;
-		for (size_t k = 0; k < (size_t)got / SP_PAGE; k++) {
+		for (size_t k = 0; k < nr; k++) {
 			const uint8_t *pg = buf + k * SP_PAGE;
 			uint64_t h = 0;
 
+			if (!ok[k])
+				continue;	/* unmapped since */
 			if (!sp_page_is_zero(pg)) {
 				h = XXH3_64bits(pg, SP_PAGE);
 				h = h ? h : 1;
@@ -191,7 +192,7 @@ static int scan_proc(struct proc_est *p, struct tally *pfns, uint8_t *buf,
 	char path[64], line[512];
 	uint64_t ram_pages = (uint64_t)sysconf(_SC_PHYS_PAGES);
 	FILE *comm, *maps;
-	int pm, r = 0;
+	int pm, mem, r = 0;
 
 	snprintf(path, sizeof(path), "/proc/%d/comm", (int)p->pid);
 	comm = fopen(path, "re");
@@ -207,11 +208,15 @@ static int scan_proc(struct proc_est *p, struct tally *pfns, uint8_t *buf,
 	pm = open(path, O_RDONLY | O_CLOEXEC);
 	if (pm < 0)
 		return -errno;
+	snprintf(path, sizeof(path), "/proc/%d/mem", (int)p->pid);
+	mem = open(path, O_RDONLY | O_CLOEXEC);
 	snprintf(path, sizeof(path), "/proc/%d/maps", (int)p->pid);
 	maps = fopen(path, "re");
 	if (!maps) {
 		r = -errno;
 		close(pm);
+		if (mem >= 0)
+			close(mem);
 		return r;
 	}
 	while (r == 0 && fgets(line, sizeof(line), maps)) {
@@ -220,10 +225,12 @@ static int scan_proc(struct proc_est *p, struct tally *pfns, uint8_t *buf,
 		/* A mapping bigger than RAM is a reservation (a sanitizer's
 		 * shadow): its pagemap alone would take minutes to read. */
 		if (candidate(line, &s, &e) && (e - s) / SP_PAGE <= ram_pages)
-			r = scan_range(p, pm, s, e, pfns, buf, scanned);
+			r = scan_range(p, pm, mem, s, e, pfns, buf, scanned);
 	}
 	fclose(maps);
 	close(pm);
+	if (mem >= 0)
+		close(mem);
 	return r;
 }
 

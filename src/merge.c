@@ -673,38 +673,42 @@ void agent_release_scratch(struct sp_agent *a)
 }
 
 /*
- * Pages UFFDIO_MOVE refused with EBUSY are pinned for I/O, or shared by
- * a parent and its child since fork (not exclusive in pagemap).  A
- * shared page is never pinned: fork copies a pinned page for the child
- * at once, and a pin makes a shared page the pinner's own first.  So a
- * shared page is given a copy of its own here, as a write would give it,
- * without changing a byte (MADV_POPULATE_WRITE).  The daemon plans it
- * again, and its next pass merges it, as KSM merges such pages; the
- * other process's copy is then its own alone, and merges too.  Called
- * once the range is no longer registered: a page libc dropped meanwhile
- * (its own MADV_DONTNEED) faults in as the zeros it reads anyway, and
- * never waits for this thread.  Read-only ranges are left as they are.
+ * Pages UFFDIO_MOVE refused with EBUSY are pinned for I/O, or not marked
+ * exclusive to this process: shared with a parent or child since fork,
+ * or no longer (the other took a copy) but not marked so until its next
+ * write fault.  None of those is pinned: fork copies a pinned page for
+ * the child at once, and a pin makes a shared page the pinner's own
+ * first.  So each is given a write fault here, without a byte changed
+ * (MADV_POPULATE_WRITE): a copy of its own, as a write would give it, or
+ * the mark alone where it is mapped once.  A pinned page is marked
+ * already and writable: nothing happens to it.  Each then has a second
+ * try at once (redo; agent_merge_item), as KSM merges such pages, and
+ * a page refused again is taken for pinned.  Called once the range is
+ * no longer registered: a page libc dropped meanwhile (its own
+ * MADV_DONTNEED) faults in as the zeros it reads anyway, and never
+ * waits for this thread.  Read-only ranges, and the second try (redo
+ * NULL), have no second try.
  */
 static void unshare_forked(struct sp_agent *a, uintptr_t addr, size_t n,
-		    const uint8_t *busy, bool ro)
+			   const uint8_t *busy, uint8_t *redo)
 {
 	uint64_t pm[SP_ITEM_PAGES];
-	bool known = !ro && sp_pagemap_read(a->pagemap, addr, n, pm) == 0;
+	bool known = redo && sp_pagemap_read(a->pagemap, addr, n, pm) == 0;
 
 	for (size_t i = 0; i < n; i++) {
 		if (!busy[i])
 			continue;
-		if (known &&
-		    (pm[i] & (PM_PRESENT | PM_FILE | PM_EXCL)) == PM_PRESENT &&
-		    sys_madvise((void *)(addr + i * SP_PAGE), SP_PAGE,
-				MADV_POPULATE_WRITE) == 0)
-			continue;
-		a->figs.pinned_skipped++;
+		if (!known)
+			a->figs.pinned_skipped++;
+		else if ((pm[i] & (PM_PRESENT | PM_FILE)) == PM_PRESENT &&
+			 sys_madvise((void *)(addr + i * SP_PAGE), SP_PAGE,
+				     MADV_POPULATE_WRITE) == 0)
+			redo[i] = 1;
 	}
 }
 
-int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
-		     struct sp_item_result *res)
+static int merge_once(struct sp_agent *a, const struct sp_item *it,
+		      struct sp_item_result *res, uint8_t *redo)
 {
 	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
 	uint8_t back[SP_ITEM_PAGES] = { 0 };	/* to put back, read-only */
@@ -769,7 +773,46 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 	if (!ok)	/* then a populate could wait on this thread */
 		log_warn("unregister %#lx", (unsigned long)it->addr);
 	if (memchr(busy, 1, n))
-		unshare_forked(a, it->addr, n, busy, ro || !ok);
+		unshare_forked(a, it->addr, n, busy, ro || !ok ? NULL : redo);
+	return r;
+}
+
+static bool bit(const uint64_t *w, size_t i)
+{
+	return w[i / 64] >> (i % 64) & 1;
+}
+
+int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
+		     struct sp_item_result *res)
+{
+	uint8_t redo[SP_ITEM_PAGES] = { 0 };
+	size_t n = it->npages, i, j, k;
+	int r = merge_once(a, it, res, redo);
+
+	/* pages just given copies of their own (shared after fork): their
+	 * second try, at once, so that each copy lives microseconds */
+	for (i = 0; r == 0 && i < n; i = j) {
+		struct sp_item sub = *it;
+		struct sp_item_result sr;
+
+		for (j = i + 1; j < n && redo[j] == redo[i]; j++)
+			;
+		if (!redo[i])
+			continue;
+		sub.addr += i * SP_PAGE;
+		sub.pgoff += it->kind == SP_ITEM_POOL ? i : 0;
+		sub.npages = (uint32_t)(j - i);
+		if (merge_once(a, &sub, &sr, NULL) < 0)
+			continue;
+		fprintf(stderr, "DBG redo %zu pages at %#lx merged %llx imm %llx\n", j - i, (unsigned long)sub.addr, (unsigned long long)sr.merged[0], (unsigned long long)sr.immovable[0]);
+		for (k = 0; k < j - i; k++) {
+			if (bit(sr.merged, k))
+				set_bits(res, i + k, 1);
+			if (bit(sr.immovable, k))
+				res->immovable[(i + k) / 64] |=
+					1ULL << ((i + k) % 64);
+		}
+	}
 	return r;
 }
 

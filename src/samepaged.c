@@ -248,6 +248,9 @@ static int handle_hello(struct client *c, const struct sp_hello *h)
 		send_error(c->fd, errno, "daemon cannot read this process");
 		return -1;
 	}
+	/* for pages shared after fork: see sp_read_pages */
+	snprintf(path, sizeof(path), "/proc/%d/mem", (int)c->pid);
+	c->mem = open(path, O_RDONLY | O_CLOEXEC);
 	fd = ro_pool_fd();
 	if (fd < 0)
 		return -1;
@@ -312,6 +315,8 @@ static void client_free(struct client *c)
 	close(c->fd);
 	if (c->pagemap >= 0)
 		close(c->pagemap);
+	if (c->mem >= 0)
+		close(c->mem);
 	free(c->r);
 	free(c);
 	unmerge_check(false);
@@ -369,6 +374,7 @@ static void accept_client(void)
 	c->uid = cr.uid;
 	c->id = ++D.next_id;
 	c->pagemap = -1;
+	c->mem = -1;
 	c->next = D.clients;
 	D.clients = c;
 }

@@ -5,9 +5,9 @@
  * DESIGN
  * Per chunk of a range: read the client's pagemap, skip pages that are
  * not present (reading them would allocate them on this kernel) or
- * already merged; read the rest with process_vm_readv and hash them with
- * xxh3.  A page is a
- * candidate only once its hash is unchanged since the previous pass (the
+ * already merged; read the rest (sp_read_pages: pages shared after fork
+ * without copying them) and hash them with xxh3.  A page is a candidate
+ * only once its hash is unchanged since the previous pass (the
  * volatility filter).  A candidate equal to a pool page (full compare)
  * is planned onto it; an all-zero one is planned as a zero page; one equal
  * to a page in the unstable table (re-read and compared in full) gets a
@@ -135,7 +135,9 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 {
 	struct client *oc = client_by_id(d, e->client);
 	struct pstate *ost;
-	struct iovec lo = { d->cmp, SP_PAGE }, ro;
+	uint64_t opm;
+	uintptr_t oaddr;
+	uint8_t ok;
 	uint32_t slot;
 
 	if (!oc || oc->ninflight >= max_inflight)
@@ -146,9 +148,9 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 		return false;
 	if (e->shared && !(pm & PM_EXCL) && !two_frames(oc, e->addr, pm))
 		return false;
-	ro.iov_base = (void *)(uintptr_t)e->addr;
-	ro.iov_len = SP_PAGE;
-	if (process_vm_readv(oc->pid, &lo, 1, &ro, 1, 0) != (ssize_t)SP_PAGE ||
+	opm = e->shared ? 0 : PM_EXCL;	/* as it was: see sp_read_pages */
+	oaddr = (uintptr_t)e->addr;
+	if (sp_read_pages(oc->pid, oc->mem, &oaddr, &opm, 1, d->cmp, &ok) != 1 ||
 	    memcmp(d->cmp, page, SP_PAGE) != 0)
 		return false;
 	slot = pool_alloc(&d->pool, h, page);
@@ -204,12 +206,11 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 			  struct drange *r, uint64_t first, uint64_t n,
 			  uint64_t *done)
 {
-	static uint64_t pm[CHUNK];
+	static uint64_t pm[CHUNK], cpm[CHUNK];
 	static uint32_t idx[CHUNK];
-	static struct iovec rio[CHUNK];
-	struct iovec lio;
-	uint64_t base = r->start + first * SP_PAGE, nc = 0;
-	ssize_t got;
+	static uintptr_t at[CHUNK];
+	static uint8_t ok[CHUNK];
+	uint64_t base = r->start + first * SP_PAGE, nc = 0, k, got = 0;
 
 	*done = n;
 	if (sp_pagemap_read(c->pagemap, base, n, pm) < 0)
@@ -218,29 +219,25 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 		if (!classify(d, c, &r->st[first + i], pm[i]))
 			continue;
 		idx[nc] = (uint32_t)i;
-		rio[nc].iov_base = (void *)(uintptr_t)(base + i * SP_PAGE);
-		rio[nc].iov_len = SP_PAGE;
+		at[nc] = (uintptr_t)(base + i * SP_PAGE);
+		cpm[nc] = pm[i];
 		nc++;
 	}
-	if (!nc)
+	if (!nc || !sp_read_pages(c->pid, c->mem, at, cpm, nc, d->buf, ok))
 		return 0;
-	lio.iov_base = d->buf;
-	lio.iov_len = nc * SP_PAGE;
-	got = process_vm_readv(c->pid, &lio, 1, rio, nc, 0);
-	if (got <= 0)
-		return 0;
-	nc = (uint64_t)got / SP_PAGE;
-	for (uint64_t k = 0; k < nc; k++) {
+	for (k = 0; k < nc; k++) {
 		if (c->ninflight >= max_inflight) {
 			*done = idx[k];
-			nc = k;
 			break;
 		}
-		handle_page(d, c, base + idx[k] * SP_PAGE, &r->st[first + idx[k]],
-			    d->buf + k * SP_PAGE, pm[idx[k]]);
+		if (!ok[k])
+			continue;	/* unmapped, or out for a merge */
+		handle_page(d, c, at[k], &r->st[first + idx[k]],
+			    d->buf + k * SP_PAGE, cpm[k]);
+		got++;
 	}
-	d->pages_scanned += nc;
-	return nc;
+	d->pages_scanned += got;
+	return got;
 }
 
 static void end_pass(struct daemon *d)

@@ -55,6 +55,8 @@ void log_debug(const char *fmt, ...) SP_PRINTF(1, 2);
 #define PM_PFN(v) ((v) & ((1ULL << 55) - 1))
 
 int sp_pagemap_read(int fd, uintptr_t addr, size_t npages, uint64_t *out);
+size_t sp_read_pages(pid_t pid, int mem, const uintptr_t *addr,
+		     const uint64_t *pm, size_t n, uint8_t *buf, uint8_t *ok);
 /* One mapping, as /proc/PID/maps tells it. */
 struct sp_vma {
 	uintptr_t start, end;
@@ -247,7 +249,7 @@ struct batch {
 };
 
 struct client {
-	int fd, id, pagemap;
+	int fd, id, pagemap, mem;	/* mem: /proc/PID/mem, or -1 */
 	pid_t pid;
 	uid_t uid;
 	bool agent;

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,6 +34,48 @@ int sp_pagemap_read(int fd, uintptr_t addr, size_t npages, uint64_t *out)
 		got += (size_t)n;
 	}
 	return 0;
+}
+
+/*
+ * Read the n pages at addr[i] of process pid into buf + i * SP_PAGE, and
+ * say in ok[i] which were read; returns how many.  process_vm_readv pins
+ * what it reads, and the kernel makes a page it pins the process's own
+ * first: a page shared after fork (or merged by kernel KSM) would be
+ * copied in the target, doubling the memory it reads (measured: pagemap's
+ * exclusive bit set after one process_vm_readv).  So pages pm[i] shows
+ * not mapped exclusively are read through mem, the process's
+ * /proc/PID/mem, which takes a plain reference and copies nothing.
+ */
+size_t sp_read_pages(pid_t pid, int mem, const uintptr_t *addr,
+		     const uint64_t *pm, size_t n, uint8_t *buf, uint8_t *ok)
+{
+	struct iovec lio[SP_ITEM_PAGES], rio[SP_ITEM_PAGES];
+	size_t nl = 0, got = 0, k, done;
+	ssize_t r;
+
+	SP_ASSERT(n <= SP_ITEM_PAGES);
+	for (k = 0; k < n; k++) {
+		ok[k] = 0;
+		if (!(pm[k] & PM_EXCL))
+			continue;
+		lio[nl] = (struct iovec){ buf + k * SP_PAGE, SP_PAGE };
+		rio[nl] = (struct iovec){ (void *)addr[k], SP_PAGE };
+		nl++;
+	}
+	r = nl ? process_vm_readv(pid, lio, nl, rio, nl, 0) : 0;
+	done = r > 0 ? (size_t)r / SP_PAGE : 0;	/* the first done of nl */
+	for (k = 0; k < n; k++) {
+		if (!(pm[k] & PM_EXCL)) {
+			ok[k] = mem >= 0 &&
+				pread(mem, buf + k * SP_PAGE, SP_PAGE,
+				      (off_t)addr[k]) == (ssize_t)SP_PAGE;
+		} else if (done) {
+			ok[k] = 1;
+			done--;
+		}
+		got += ok[k];
+	}
+	return got;
 }
 
 #ifndef PROCMAP_QUERY		/* Linux 6.11; older headers lack it */

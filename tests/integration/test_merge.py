@@ -313,6 +313,34 @@ def test_pages_shared_after_fork_merge():
         check(a.ok("wait") == "0", "the child saw wrong contents")
 
 
+def test_scanning_copies_nothing_after_fork():
+    """Reading a page to hash it must not give the process a copy of a
+    page it shares with its child since fork (process_vm_readv would:
+    a pin makes a shared page the pinner's own).  Unique pages stay
+    shared by parent and child through several passes, and `samepage
+    estimate` leaves them so too."""
+    n = 2000
+    with Env() as e:
+        a = e.proc()
+        a.map(n)
+        a.ok(f"fill 1 0 {n}")  # the child checks for seed 1
+        a.ok("merge")
+        pid, addr, _ = a.ok("forkmap 0").split()
+        pid, addr = int(pid), int(addr, 16)
+        frames = a.pfns()
+        check(pfns(pid, addr, n) == frames, "not shared after fork")
+        scans = e.d.status()["full_scans"]
+        check(wait_for(lambda: e.d.status()["full_scans"] >= scans + 3, 20),
+              "three passes did not end")
+        e.d.cli("estimate", str(a.pid), str(pid))
+        # neither copied nor merged onto pool pages: on the same frames
+        moved = sum(1 for x, y in zip(a.pfns(), frames) if x != y)
+        check(moved == 0, f"{moved} of {n} pages left their frames")
+        moved = sum(1 for x, y in zip(pfns(pid, addr, n), frames) if x != y)
+        check(moved == 0, f"{moved} of the child's {n} pages left them")
+        check(a.ok("wait") == "0", "the child saw wrong contents")
+
+
 def anon_huge_kb(pid, addr):
     """AnonHugePages of the mapping at addr, from smaps."""
     inside = False
@@ -561,6 +589,7 @@ if __name__ == "__main__":
         test_prctl_survives_exec,
         test_prctl_holds_in_forked_children,
         test_pages_shared_after_fork_merge,
+        test_scanning_copies_nothing_after_fork,
         test_huge_pages_merge,
         test_runs_across_vma_boundaries,
         test_malloc_memory_merges,
