@@ -50,7 +50,7 @@ size_t sp_read_pages(pid_t pid, int mem, const uintptr_t *addr,
 		     const uint64_t *pm, size_t n, uint8_t *buf, uint8_t *ok)
 {
 	struct iovec lio[SP_ITEM_PAGES], rio[SP_ITEM_PAGES];
-	size_t nl = 0, got = 0, k, done;
+	size_t nl = 0, got = 0, k, j, done;
 	ssize_t r;
 
 	SP_ASSERT(n <= SP_ITEM_PAGES);
@@ -64,17 +64,32 @@ size_t sp_read_pages(pid_t pid, int mem, const uintptr_t *addr,
 	}
 	r = nl ? process_vm_readv(pid, lio, nl, rio, nl, 0) : 0;
 	done = r > 0 ? (size_t)r / SP_PAGE : 0;	/* the first done of nl */
-	for (k = 0; k < n; k++) {
-		if (!(pm[k] & PM_EXCL)) {
-			ok[k] = mem >= 0 &&
-				pread(mem, buf + k * SP_PAGE, SP_PAGE,
-				      (off_t)addr[k]) == (ssize_t)SP_PAGE;
-		} else if (done) {
-			ok[k] = 1;
-			done--;
+	for (k = 0; k < n; k = j) {
+		size_t m;
+
+		j = k + 1;
+		if (pm[k] & PM_EXCL) {
+			if (done) {
+				ok[k] = 1;
+				done--;
+			}
+			continue;
 		}
-		got += ok[k];
+		/* consecutive shared pages in one read; it stops short at a
+		 * page it cannot read, and the next read starts after it */
+		while (j < n && !(pm[j] & PM_EXCL) &&
+		       addr[j] == addr[j - 1] + SP_PAGE)
+			j++;
+		r = mem >= 0 ? pread(mem, buf + k * SP_PAGE, (j - k) * SP_PAGE,
+				     (off_t)addr[k])
+			     : -1;
+		m = r > 0 ? (size_t)r / SP_PAGE : 0;
+		memset(ok + k, 1, m);
+		if (k + m < j)
+			j = k + m + 1;
 	}
+	for (k = 0; k < n; k++)
+		got += ok[k];
 	return got;
 }
 

@@ -325,10 +325,14 @@ def test_scanning_copies_nothing_after_fork():
         a.map(n)
         a.ok(f"fill 1 0 {n}")  # the child checks for seed 1
         a.ok("merge")
+        # No read in flight at fork time: fork copies a page that is
+        # pinned at that instant, and process_vm_readv pins for its read.
+        e.d.set(run=0)
         pid, addr, _ = a.ok("forkmap 0").split()
         pid, addr = int(pid), int(addr, 16)
         frames = a.pfns()
         check(pfns(pid, addr, n) == frames, "not shared after fork")
+        e.d.set(run=1)
         scans = e.d.status()["full_scans"]
         check(wait_for(lambda: e.d.status()["full_scans"] >= scans + 3, 20),
               "three passes did not end")

@@ -1,9 +1,12 @@
 /* test_index.c - the unstable table and the pool: lookups compare full
- * contents, references count, and GC frees only unmapped slots. */
+ * contents, references count, and GC frees only unmapped slots; and the
+ * scanner's reads copy no page shared after fork. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -119,12 +122,85 @@ static void gc_spares_mapped_slots(void **state)
 	(void)b;
 }
 
+/*
+ * A child shares 8 pages with this process since fork, writes 2 of them
+ * (its own now), and has one unmapped.  sp_read_pages reads them all from
+ * the child, the one unmapped excepted, and leaves the shared ones
+ * shared: process_vm_readv would have copied them in the child.
+ */
+static void read_pages_copies_nothing(void **state)
+{
+	enum { N = 8 };
+	uint8_t *p = mmap(NULL, N * SP_PAGE, PROT_READ | PROT_WRITE,
+			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint8_t *buf = malloc(N * SP_PAGE), ok[N], c = 0;
+	uint64_t pm[N];
+	uintptr_t at[N];
+	int go[2], ready[2], mem, pmfd;
+	char path[64];
+	pid_t pid;
+
+	(void)state;
+	assert_true(p != MAP_FAILED && buf);
+	for (int i = 0; i < N; i++)
+		memset(p + i * SP_PAGE, 'a' + i, SP_PAGE);
+	assert_int_equal(pipe(go), 0);
+	assert_int_equal(pipe(ready), 0);
+	pid = fork();
+	if (pid == 0) {
+		close(go[1]);	/* EOF on go when the parent is done */
+		close(ready[0]);
+		p[2 * SP_PAGE] = 'X';	/* its own copy */
+		p[6 * SP_PAGE] = 'Y';
+		munmap(p + 4 * SP_PAGE, SP_PAGE);
+		if (write(ready[1], &c, 1) != 1 || read(go[0], &c, 1) < 0)
+			_exit(1);	/* read: 0 at EOF */
+		_exit(0);
+	}
+	close(go[0]);
+	close(ready[1]);
+	assert_int_equal(read(ready[0], &c, 1), 1);
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)pid);
+	pmfd = open(path, O_RDONLY);
+	snprintf(path, sizeof(path), "/proc/%d/mem", (int)pid);
+	mem = open(path, O_RDONLY);
+	assert_true(pmfd >= 0 && mem >= 0);
+	assert_int_equal(sp_pagemap_read(pmfd, (uintptr_t)p, N, pm), 0);
+	for (int i = 0; i < N; i++) {
+		at[i] = (uintptr_t)p + (uintptr_t)i * SP_PAGE;
+		if (i == 2 || i == 6)
+			assert_true(pm[i] & PM_EXCL);
+		else if (i != 4)
+			assert_false(pm[i] & PM_EXCL);	/* shared */
+	}
+	assert_int_equal(sp_read_pages(pid, mem, at, pm, N, buf, ok), N - 1);
+	for (int i = 0; i < N; i++) {
+		uint8_t want = i == 2 ? 'X' : i == 6 ? 'Y' : (uint8_t)('a' + i);
+
+		assert_int_equal(ok[i], i != 4);
+		if (i != 4)
+			assert_int_equal(buf[i * SP_PAGE], want);
+	}
+	assert_int_equal(sp_pagemap_read(pmfd, (uintptr_t)p, N, pm), 0);
+	for (int i = 0; i < N; i++)
+		if (i != 2 && i != 4 && i != 6)
+			assert_false(pm[i] & PM_EXCL);	/* still shared */
+	close(go[1]);
+	close(ready[0]);
+	assert_int_equal(waitpid(pid, NULL, 0), pid);
+	close(pmfd);
+	close(mem);
+	free(buf);
+	munmap(p, N * SP_PAGE);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(unstable_basics),
 		cmocka_unit_test(pool_lookup_compares_content),
 		cmocka_unit_test(gc_spares_mapped_slots),
+		cmocka_unit_test(read_pages_copies_nothing),
 	};
 
 	log_init(LOG_TO_STDERR, 0, "test_index");
