@@ -140,7 +140,10 @@ def test_unmerge_while_writing():
 def test_odirect_reads_while_merging():
     """O_DIRECT reads into pages that are being merged: the device
     writes pages pinned for it, which UFFDIO_MOVE refuses.  Every read's
-    data must arrive and every other byte stay as it was."""
+    data must arrive and every other byte stay as it was.  In the second
+    round the pages are shared with a forked child too, which the agent
+    gives copies of their own to merge them, and a pin to read into
+    them."""
     n = 20000
     d = tempfile.mkdtemp(prefix="sptest-odirect-", dir="/var/tmp")
     path = os.path.join(d, "blocks")
@@ -155,8 +158,12 @@ def test_odirect_reads_while_merging():
                 if rnd == 0:
                     a.ok(f"mkfile {path}")
                 m0 = int(a.stats()["merged"])
+                if rnd == 1:
+                    e.d.set(run=0)
+                    a.ok("forkmap 0")
                 for p in (a, b):
                     p.ok("merge")
+                e.d.set(run=1)
                 out = a.cmd(f"direct 2 2 {path}")
                 if out.startswith("err odirect"):
                     raise Skip(f"O_DIRECT refused in {d}: {out}")
@@ -171,6 +178,9 @@ def test_odirect_reads_while_merging():
                       "did not arrive")
                 a.ok(f"check 1 0 {n}")
                 b.ok(f"check 1 0 {n}")
+                if rnd == 1:
+                    check(a.ok("wait") == "0", "the child saw wrong "
+                          "contents")
                 for p in (a, b):
                     p.quit()
             check(merged > 0, "nothing merged while reading")
