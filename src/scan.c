@@ -105,13 +105,14 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 		return false;
 	if (pm & PM_FILE)
 		return false;		/* a pool page: still merged */
+	if (ST_IS_POOL(st->slot))
+		client_release(c, &d->pool, st);	/* CoW broken */
 	if (!(pm & PM_EXCL) &&
 	    (st->slot == ST_ZERO || !PM_PFN(pm) || PM_PFN(pm) == d->zero_pfn))
 		return false;	/* the zero page, or PFNs hidden: cannot tell */
-	/* Otherwise a page of the program's own: a pool page whose
-	 * copy-on-write was broken, a zero page written, or either shared
-	 * after fork (not exclusive: the agent gives it its own copy
-	 * first, as a write would, and merges it then). */
+	/* Otherwise a page of the program's own, maybe shared after fork
+	 * (not exclusive: the agent gives it a copy of its own first, as a
+	 * write would, and merges that); or a zero page written. */
 	client_release(c, &d->pool, st);
 	return true;
 }
