@@ -804,7 +804,6 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		sub.npages = (uint32_t)(j - i);
 		if (merge_once(a, &sub, &sr, NULL) < 0)
 			continue;
-		fprintf(stderr, "DBG redo %zu pages at %#lx merged %llx imm %llx\n", j - i, (unsigned long)sub.addr, (unsigned long long)sr.merged[0], (unsigned long long)sr.immovable[0]);
 		for (k = 0; k < j - i; k++) {
 			if (bit(sr.merged, k))
 				set_bits(res, i + k, 1);
