@@ -311,6 +311,8 @@ def test_pages_shared_after_fork_merge():
         a.ok(f"check 1 4 {n - 4}")
         b.ok(f"check 1 0 {n}")
         check(a.ok("wait") == "0", "the child saw wrong contents")
+        check(not a.err().strip(), f"the agent wrote to the program's "
+              f"stderr: {a.err()[:200]}")
 
 
 def test_scanning_copies_nothing_after_fork():
