@@ -159,6 +159,9 @@ void client_apply(struct daemon *d, struct client *c, const struct sp_item *it,
 		st->flags &= ~(uint32_t)PS_INFLIGHT;
 		if (res && (res->immovable[j / 64] >> (j % 64)) & 1)
 			st->flags |= PS_IMMOVABLE;
+		if (res && (res->pinned[j / 64] >> (j % 64)) & 1)
+			st->flags = (st->flags & ((1u << PS_WAIT_SHIFT) - 1)) |
+				    PS_WAIT_PASSES << PS_WAIT_SHIFT;
 		if (!merged)
 			continue;
 		client_release(c, &d->pool, st);

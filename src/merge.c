@@ -690,7 +690,8 @@ void agent_release_scratch(struct sp_agent *a)
  * NULL), have no second try.
  */
 static void unshare_forked(struct sp_agent *a, uintptr_t addr, size_t n,
-			   const uint8_t *busy, uint8_t *redo)
+			   const uint8_t *busy, uint8_t *redo,
+			   struct sp_item_result *res)
 {
 	uint64_t pm[SP_ITEM_PAGES];
 	bool known = redo && sp_pagemap_read(a->pagemap, addr, n, pm) == 0;
@@ -698,9 +699,10 @@ static void unshare_forked(struct sp_agent *a, uintptr_t addr, size_t n,
 	for (size_t i = 0; i < n; i++) {
 		if (!busy[i])
 			continue;
-		if (!known)
+		if (!known) {
 			a->figs.pinned_skipped++;
-		else if ((pm[i] & (PM_PRESENT | PM_FILE)) == PM_PRESENT &&
+			res->pinned[i / 64] |= 1ULL << (i % 64);
+		} else if ((pm[i] & (PM_PRESENT | PM_FILE)) == PM_PRESENT &&
 			 sys_madvise((void *)(addr + i * SP_PAGE), SP_PAGE,
 				     MADV_POPULATE_WRITE) == 0)
 			redo[i] = 1;
@@ -773,7 +775,8 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 	if (!ok)	/* then a populate could wait on this thread */
 		log_warn("unregister %#lx", (unsigned long)it->addr);
 	if (memchr(busy, 1, n))
-		unshare_forked(a, it->addr, n, busy, ro || !ok ? NULL : redo);
+		unshare_forked(a, it->addr, n, busy, ro || !ok ? NULL : redo,
+			       res);
 	return r;
 }
 
@@ -809,6 +812,9 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 				set_bits(res, i + k, 1);
 			if (bit(sr.immovable, k))
 				res->immovable[(i + k) / 64] |=
+					1ULL << ((i + k) % 64);
+			if (bit(sr.pinned, k))
+				res->pinned[(i + k) / 64] |=
 					1ULL << ((i + k) % 64);
 		}
 	}

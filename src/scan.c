@@ -98,11 +98,17 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 		return false;
 	if (!(pm & PM_PRESENT)) {
 		client_release(c, &d->pool, st);	/* unmapped, dropped */
-		st->flags &= ~(uint32_t)PS_IMMOVABLE;	/* a new page next */
+		/* a new page next */
+		st->flags &= ~(uint32_t)PS_IMMOVABLE &
+			     ((1u << PS_WAIT_SHIFT) - 1);
 		return false;
 	}
 	if (st->flags & PS_IMMOVABLE)
 		return false;
+	if (st->flags >> PS_WAIT_SHIFT) {	/* pinned: a pass less */
+		st->flags -= 1u << PS_WAIT_SHIFT;
+		return false;
+	}
 	if (pm & PM_FILE)
 		return false;		/* a pool page: still merged */
 	if (ST_IS_POOL(st->slot))

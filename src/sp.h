@@ -230,6 +230,9 @@ int sys_mlockall(int flags);
 #define NO_SLOT 0xffffffffu
 
 enum { PS_SEEN = 1, PS_INFLIGHT = 2, PS_IMMOVABLE = 4 };
+/* flags >> PS_WAIT_SHIFT: passes a pinned page is passed over */
+#define PS_WAIT_SHIFT 8
+#define PS_WAIT_PASSES 8u
 
 struct pstate {		/* one per registered page: 16 bytes */
 	uint64_t hash;

@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_PROTO_VERSION 2
+#define SP_PROTO_VERSION 3
 #define SP_MSG_MAX 65536
 #define SP_ITEM_PAGES 512		/* pages in one merge item at most */
 #define SP_ITEM_WORDS (SP_ITEM_PAGES / 64)
@@ -89,6 +89,9 @@ struct sp_item_result {
 	 * whose copy-on-write was broken, or unmerged): UFFDIO_MOVE cannot
 	 * take it, so it cannot be merged again. */
 	uint64_t immovable[SP_ITEM_WORDS];
+	/* bit i: page i is pinned for I/O (UFFDIO_MOVE refused it twice):
+	 * worth trying again only some passes later */
+	uint64_t pinned[SP_ITEM_WORDS];
 };
 
 struct sp_merge_done {
