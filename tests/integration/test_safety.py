@@ -17,21 +17,29 @@ from sptest import (MEMFILL, PAGE, Env, Skip, check, converge,  # noqa: E402
                     wait_for)
 
 
+def hammer_rounds(a, n, line, min_writes=0):
+    """Run memfill's `line` (a hammer) in a at least 3 times and until
+    min_writes writes; after each, all n pages are checked (every word
+    was restored).  Returns writes, writes lost, pages merged meanwhile."""
+    writes = lost = rounds = merged = 0
+    while writes < min_writes or rounds < 3:
+        m0 = int(a.stats()["merged"])
+        w, lo = (int(x) for x in a.ok(line).split())
+        merged += int(a.stats()["merged"]) - m0
+        writes += w
+        lost += lo
+        rounds += 1
+        a.ok(f"check 1 0 {n}")
+    return writes, lost, merged
+
+
 def test_hammer_no_lost_writes():
     """Writer threads hammer pages while they are merged under them."""
     n = 20000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
         a, b = twins(e, n)
-        writes = lost = rounds = 0
-        merged_during = 0
-        while writes < 1_000_000 or rounds < 3:
-            m0 = int(a.stats()["merged"])
-            w, lo = (int(x) for x in a.ok("hammer 2 1").split())
-            merged_during += int(a.stats()["merged"]) - m0
-            writes += w
-            lost += lo
-            rounds += 1
-            a.ok(f"check 1 0 {n}")  # every word was restored
+        writes, lost, merged_during = hammer_rounds(a, n, "hammer 2 1",
+                                                    1_000_000)
         check(lost == 0, f"{lost} of {writes} writes lost")
         check(merged_during > 0, "no merge happened while hammering")
         b.ok(f"check 1 0 {n}")
@@ -248,19 +256,11 @@ def test_fork_shared_pages_while_writing():
         a, b = twins(e, n)
         a.ok("forkmap 0")
         e.d.set(run=1)
-        writes = lost = rounds = merged = 0
-        while rounds < 3:
-            m0 = int(a.stats()["merged"])
-            # most pages unwritten: they merge only by being unshared
-            w, lo = (int(x) for x in a.ok("hammer 2 1 keep 2000").split())
-            merged += int(a.stats()["merged"]) - m0
-            writes += w
-            lost += lo
-            rounds += 1
+        # most pages unwritten: they merge only by being unshared
+        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1 keep 2000")
         check(lost == 0, f"{lost} of {writes} writes lost")
         check(merged > n // 2, f"only {merged} of {n} pages merged in the "
               "parent while hammering")
-        a.ok(f"check 1 0 {n}")
         b.ok(f"check 1 0 {n}")
         check(a.ok("wait") == "0", "the child saw wrong contents")
         st = e.d.status()
