@@ -152,14 +152,14 @@ void client_apply(struct daemon *d, struct client *c, const struct sp_item *it,
 {
 	for (uint32_t j = 0; j < it->npages; j++) {
 		struct pstate *st = client_page(c, it->addr + j * SP_PAGE);
-		bool merged = res && (res->merged[j / 64] >> (j % 64)) & 1;
+		bool merged = res && sp_bit(res->merged, j);
 
 		if (!st)
 			continue;	/* unregistered meanwhile */
 		st->flags &= ~(uint32_t)PS_INFLIGHT;
-		if (res && (res->immovable[j / 64] >> (j % 64)) & 1)
+		if (res && sp_bit(res->immovable, j))
 			st->flags |= PS_IMMOVABLE;
-		if (res && (res->pinned[j / 64] >> (j % 64)) & 1)
+		if (res && sp_bit(res->pinned, j))
 			st->flags = (st->flags & ((1u << PS_WAIT_SHIFT) - 1)) |
 				    PS_WAIT_PASSES << PS_WAIT_SHIFT;
 		if (!merged)

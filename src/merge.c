@@ -246,7 +246,7 @@ static int move_out(struct sp_agent *a, uintptr_t addr, size_t n,
 			 * the daemon plans it again, in an item of its own) */
 			if (run_prot(a, addr + i * SP_PAGE, SP_PAGE) !=
 			    PROT_READ)
-				res->immovable[i / 64] |= 1ULL << (i % 64);
+				sp_bit_set(res->immovable, i);
 		} else if (r != -ENOENT && r != -EEXIST)
 			return r;	/* whole-range refusal */
 		i++;
@@ -463,7 +463,7 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 static void set_bits(struct sp_item_result *res, size_t i, size_t n)
 {
 	for (; n; i++, n--)
-		res->merged[i / 64] |= 1ULL << (i % 64);
+		sp_bit_set(res->merged, i);
 }
 
 /*
@@ -611,7 +611,7 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 	if (r == -EIO) {
 		/* private pages in a file mapping: MOVE refuses them */
 		for (; i < j; i++)
-			res->immovable[i / 64] |= 1ULL << (i % 64);
+			sp_bit_set(res->immovable, i);
 		return -1;
 	}
 	a->merged_pages += n;
@@ -701,7 +701,7 @@ static void unshare_forked(struct sp_agent *a, uintptr_t addr, size_t n,
 			continue;
 		if (!known) {
 			a->figs.pinned_skipped++;
-			res->pinned[i / 64] |= 1ULL << (i % 64);
+			sp_bit_set(res->pinned, i);
 		} else if ((pm[i] & (PM_PRESENT | PM_FILE)) == PM_PRESENT &&
 			 sys_madvise((void *)(addr + i * SP_PAGE), SP_PAGE,
 				     MADV_POPULATE_WRITE) == 0)
@@ -729,7 +729,7 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 		/* a region left from memory libc freed without the
 		 * interposed munmap, reused for the agent's own */
 		for (i = 0; i < n; i++)
-			res->immovable[i / 64] |= 1ULL << (i % 64);
+			sp_bit_set(res->immovable, i);
 		return 0;
 	}
 	ro = run_prot(a, it->addr, len) == PROT_READ;
@@ -738,7 +738,7 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 				 UFFDIO_REGISTER_MODE_MISSING) < 0) {
 		if (ro)		/* not as the table says: leave it be */
 			for (i = 0; i < n; i++)
-				res->immovable[i / 64] |= 1ULL << (i % 64);
+				sp_bit_set(res->immovable, i);
 		return 0;
 	}
 	if (a->scratch_used + n > SP_SCRATCH_PAGES)
@@ -780,11 +780,6 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 	return r;
 }
 
-static bool bit(const uint64_t *w, size_t i)
-{
-	return w[i / 64] >> (i % 64) & 1;
-}
-
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res)
 {
@@ -808,14 +803,12 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		if (merge_once(a, &sub, &sr, NULL) < 0)
 			continue;
 		for (k = 0; k < j - i; k++) {
-			if (bit(sr.merged, k))
-				set_bits(res, i + k, 1);
-			if (bit(sr.immovable, k))
-				res->immovable[(i + k) / 64] |=
-					1ULL << ((i + k) % 64);
-			if (bit(sr.pinned, k))
-				res->pinned[(i + k) / 64] |=
-					1ULL << ((i + k) % 64);
+			if (sp_bit(sr.merged, k))
+				sp_bit_set(res->merged, i + k);
+			if (sp_bit(sr.immovable, k))
+				sp_bit_set(res->immovable, i + k);
+			if (sp_bit(sr.pinned, k))
+				sp_bit_set(res->pinned, i + k);
 		}
 	}
 	return r;

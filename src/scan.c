@@ -185,11 +185,14 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	}
 	if (c->ninflight >= max_inflight)
 		return;
-	if (!(pm & PM_EXCL) && h == d->zero_hash && sp_page_is_zero(page))
-		return;	/* maybe the zero page, copied by fork: no gain */
-	if (d->use_zero_pages && h == d->zero_hash && sp_page_is_zero(page)) {
-		plan(d, c, st, addr, SP_ITEM_ZERO, 0);
-		return;
+	if (h == d->zero_hash && sp_page_is_zero(page)) {
+		/* not exclusive: maybe the zero page, copied by fork */
+		if (!(pm & PM_EXCL))
+			return;
+		if (d->use_zero_pages) {
+			plan(d, c, st, addr, SP_ITEM_ZERO, 0);
+			return;
+		}
 	}
 	slot = pool_lookup(&d->pool, h, page);
 	if (slot != NO_SLOT) {

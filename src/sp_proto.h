@@ -9,6 +9,7 @@
 #ifndef SP_PROTO_H
 #define SP_PROTO_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -93,6 +94,17 @@ struct sp_item_result {
 	 * worth trying again only some passes later */
 	uint64_t pinned[SP_ITEM_WORDS];
 };
+
+/* Bit i of a result's bitmap (merged, immovable or pinned). */
+static inline bool sp_bit(const uint64_t *w, size_t i)
+{
+	return w[i / 64] >> (i % 64) & 1;
+}
+
+static inline void sp_bit_set(uint64_t *w, size_t i)
+{
+	w[i / 64] |= 1ULL << (i % 64);
+}
 
 struct sp_merge_done {
 	uint32_t batch;
