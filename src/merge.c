@@ -54,8 +54,8 @@
 static const uint64_t recount_every = 512;
 
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
- * of verify, map, moveback, delay, latedelay, differ, inplace and
- * slowunmerge.  Read once; merges run one at a time under the agent
+ * of verify, map, moveback, delay, latedelay, differ, inplace,
+ * slowunmerge and breakcow.  Read once; merges run one at a time under the agent
  * lock. */
 static bool fault(const char *what)
 {
@@ -301,26 +301,44 @@ static void reapply_flags(struct sp_agent *a, uintptr_t s, size_t len)
 	}
 }
 
-/* Give [p, p + n pages) private copies again without changing a byte. */
+/*
+ * Give the pool pages in [p, p + n pages) private copies again without
+ * changing a byte: a write fault (MADV_POPULATE_WRITE) on the whole
+ * range.  It fails on a hole (a raw munmap), or a read-only mapping.
+ * Then page by page, and only pages pagemap still shows from the pool
+ * (not a fresh mapping of the program's put in a hole): a write fault
+ * again, and on a read-only page (EINVAL) its first byte written back
+ * through /proc/self/mem (FOLL_FORCE breaks copy-on-write).  Never on a
+ * writable page: a write of the program's between that read and write
+ * would be lost (test_unmerge_in_place_while_writing).  The descriptor
+ * is the agent's own, kept open (fds.c): one opened here could be closed
+ * by the program and its number given to a file of the program's, which
+ * the write would then go to.
+ */
 static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
 {
-	if (sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
+	uint64_t pm[SP_ITEM_PAGES];
+
+	if (!fault("breakcow") &&
+	    sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
 		return;
-	/* Read-only mapping: write each page's first byte back through
-	 * /proc/self/mem (FOLL_FORCE breaks CoW); nobody can write these
-	 * pages concurrently, they are not writable.  The descriptor is the
-	 * agent's own, kept open (fds.c): one opened here could be closed
-	 * by the program and its number given to a file of the program's,
-	 * which the write would then go to. */
-	if (a->memfd < 0)
+	SP_ASSERT(n <= SP_ITEM_PAGES);
+	if (sp_pagemap_read(a->pagemap, p, n, pm) < 0)
 		return;
 	for (size_t i = 0; i < n; i++) {
+		uintptr_t q = p + i * SP_PAGE;
 		char c;
-		off_t off = (off_t)(p + i * SP_PAGE);
 
-		if (pread(a->memfd, &c, 1, off) == 1 &&
-		    pwrite(a->memfd, &c, 1, off) != 1)
-			log_warn("unmerge %#lx", (unsigned long)off);
+		if ((pm[i] & (PM_PRESENT | PM_FILE)) != (PM_PRESENT | PM_FILE))
+			continue;	/* not a pool page (any more) */
+		if (sys_madvise((void *)q, SP_PAGE, MADV_POPULATE_WRITE) == 0 ||
+		    errno != EINVAL || run_prot(a, q, SP_PAGE) != PROT_READ ||
+		    a->memfd < 0)
+			continue;
+		if (pread(a->memfd, &c, 1, (off_t)q) == 1 &&
+		    (!fault("breakcow") || usleep(1000) == 0) &&
+		    pwrite(a->memfd, &c, 1, (off_t)q) != 1)
+			log_warn("unmerge %#lx", (unsigned long)q);
 	}
 }
 
@@ -849,7 +867,7 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 	long t = -1;
 
 	/* (read-only runs need no write-protection: writes fault anyway) */
-	if (prot < 0 || (rw && !a->shmem_wp))
+	if (prot < 0 || (rw && !a->shmem_wp) || fault("breakcow"))
 		return false;
 	if (rw &&
 	    uffd_register(a->uffd, p, len, UFFDIO_REGISTER_MODE_WP) < 0)
@@ -898,6 +916,20 @@ out:
 	return ok;
 }
 
+/*
+ * Does the page at q read as zeros?  Read through /proc/self/mem, not in
+ * place: a raw munmap (libc's) since pagemap was read would make that
+ * a SIGSEGV in this thread.  Under the agent lock.
+ */
+static bool reads_zero(struct sp_agent *a, uintptr_t q)
+{
+	static uint8_t page[SP_PAGE];
+
+	return a->memfd >= 0 &&
+	       pread(a->memfd, page, SP_PAGE, (off_t)q) == (ssize_t)SP_PAGE &&
+	       sp_page_is_zero(page);
+}
+
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
 {
 	uint64_t pm[SP_ITEM_PAGES];
@@ -917,8 +949,7 @@ int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
 				pm[i] = 2;
 			else
 				pm[i] = !(pm[i] & PM_EXCL) &&
-					sp_page_is_zero((void *)(s + i *
-								 SP_PAGE));
+					reads_zero(a, s + i * SP_PAGE);
 		}
 		for (i = 0; i < n; i = j) {
 			uintptr_t p = s + i * SP_PAGE;

@@ -125,6 +125,11 @@ def test_zero_pages_kernel_semantics():
         # the kernel decrements ksm_zero_pages when one is written
         check(wait_for(lambda: e.d.status()["ksm_zero_pages"] <= 5999, 10),
               "ksm_zero_pages did not fall after a write")
+        e.d.set(run=2)  # unmerged: each gets a zeroed page of its own
+        frames = a.pfns() + b.pfns()
+        check(None not in frames and len(set(frames)) == 6000,
+              f"{len(set(frames))} frames for 6000 pages after run=2")
+        b.ok("check 0 0 3000")
     with Env(use_zero_pages=0) as e:
         a, b = twins(e, 1000, seed=0)
         st = converge(e.d, "pages_sharing", 1999)

@@ -145,6 +145,32 @@ def test_unmerge_while_writing():
         print(f"  {writes} writes during unmerges", flush=True)
 
 
+def test_unmerge_in_place_while_writing():
+    """Where unmerging cannot move a run into a fresh mapping, it breaks
+    copy-on-write in place, and where that fails as a whole (a hole
+    left by a raw munmap, a read-only page), page by page.  The program
+    rewrites every page meanwhile: no byte may be written back over
+    its.  SAMEPAGE_FAULT=breakcow takes both fallbacks, and holds each
+    byte written back through /proc/self/mem 1 ms."""
+    n, ro = 2000, 100  # the first ro pages of a read-only
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="breakcow")
+        a.ok(f"mprotect 0 {ro} 1")
+        converge(e.d, "pages_sharing", n)
+        check(shared(a, b) == n, f"{shared(a, b)} of {n} shared")
+        unmerge = threading.Thread(target=e.d.set, kwargs={"run": 2})
+        unmerge.start()
+        time.sleep(0.05)
+        a.ok(f"fill 2 {ro} {n - ro}")
+        unmerge.join()
+        a.ok(f"check 1 0 {ro}")
+        a.ok(f"check 2 {ro} {n - ro}")
+        b.ok(f"check 1 0 {n}")
+        check(shared(a, b) == 0, "pages shared after run=2")
+        check(all(p[0] and not p[1] for p in a.pagemap(0, ro)),
+              "read-only pages not given private copies")
+
+
 def test_odirect_reads_while_merging():
     """O_DIRECT reads into pages that are being merged: the device
     writes pages pinned for it, which UFFDIO_MOVE refuses.  Every read's
@@ -823,6 +849,7 @@ if __name__ == "__main__":
     sys.exit(run_tests([
         test_hammer_no_lost_writes,
         test_unmerge_while_writing,
+        test_unmerge_in_place_while_writing,
         test_remote_reads_never_see_wrong_bytes,
         test_pinned_never_merged,
         test_odirect_reads_while_merging,
