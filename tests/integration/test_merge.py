@@ -145,6 +145,13 @@ def test_compare_in_place():
     test_two_processes_share(env={"SAMEPAGE_FAULT": "inplace"})
 
 
+def test_check_without_pfns():
+    """Without CAP_SYS_ADMIN pagemap shows no frame numbers, and the
+    agent checks each new mapping byte for byte against the pool
+    instead (SAMEPAGE_FAULT=nopfn, as if).  Same result."""
+    test_two_processes_share(env={"SAMEPAGE_FAULT": "nopfn"})
+
+
 def test_runs_map_as_one():
     """Consecutive duplicates merge as one mapping per run; their
     canonical pages are contiguous in the pool."""
@@ -590,6 +597,7 @@ if __name__ == "__main__":
     sys.exit(run_tests([
         test_two_processes_share,
         test_compare_in_place,
+        test_check_without_pfns,
         test_meminfo_drops,
         test_copy_on_write,
         test_zero_pages_kernel_semantics,
