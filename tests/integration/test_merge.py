@@ -7,9 +7,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sptest import (PAGE, Env, Skip, check, converge, meminfo,  # noqa: E402
-                    pfns, pool_vmas, run_tests, sanitizer_build, shared,
-                    twins, wait_for)
+from sptest import (PAGE, Env, Fail, Skip, check, converge,  # noqa: E402
+                    meminfo, pfns, pool_vmas, run_tests, sanitizer_build,
+                    shared, twins, wait_for)
 
 
 def test_two_processes_share(env=None):
@@ -282,7 +282,14 @@ def test_prctl_holds_in_forked_children():
         b.map(2000)
         b.ok("fill 1 0 2000")
         b.ok("merge")
-        converge(e.d, "pages_sharing", 2000)
+        try:
+            converge(e.d, "pages_sharing", 2000)
+        except Fail as f:  # once under ASan, not reproduced: say more
+            procs = [(p["pid"], p.get("registered_pages"))
+                     for p in e.d.status()["processes"]]
+            raise Fail(f"{f}; child {pid}; clients (pid, registered) "
+                       f"{procs}; stderr: {a.err()[-300:]!r}; daemon: "
+                       f"{e.daemon_log()[-300:]!r}") from None
         child = pfns(int(pid), int(addr, 16), 2000)
         n = sum(1 for x, y in zip(child, b.pfns())
                 if x is not None and x == y)
