@@ -22,7 +22,7 @@
  *      place, keeping any write the program made meanwhile).  All-zero
  *      pages get UFFDIO_ZEROPAGE instead (no pool, no VMA);
  *   5. move every other page back where it was;
- *   6. wake the blocked accesses and unregister.
+ *   6. wake the blocked accesses and unregister (what is still registered).
  * The program's old pages of merged runs stay in scratch (reachable by
  * nobody but the agent) until the batch ends or scratch is full, and are
  * then freed by one MADV_DONTNEED: one TLB flush for many items.
@@ -755,7 +755,7 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
 	uint8_t back[SP_ITEM_PAGES] = { 0 };	/* to put back, read-only */
 	uint8_t busy[SP_ITEM_PAGES] = { 0 };	/* refused: see unshare_forked */
-	size_t n = it->npages, len = n * SP_PAGE, i, j;
+	size_t n = it->npages, len = n * SP_PAGE, i, j, over = 0;
 	bool ro, ok;
 	int r, r2;
 
@@ -798,6 +798,8 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 		r2 = eq[i] ? merge_run(a, it, i, j, res) : 0;
 		if (r2 > 0)
 			set_bits(res, i, j - i);
+		if (r2 != 0 && it->kind == SP_ITEM_POOL)
+			over += j - i;	/* mapped over: registered no more */
 		if (r2 == 0 && ro)	/* after ro_close, below */
 			memcpy(back + i, in + i, j - i);
 		else if (r2 == 0)
@@ -810,8 +812,14 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 		ro_close(it->addr, len);
 		restore(a, it->addr, back, 0, n, true);
 	}
+	/* Wake first: a thread waiting on an address the pool now covers
+	 * is not woken by unregister, which wakes only what it unregisters.
+	 * Where the pool covers the whole item nothing of it is registered
+	 * any more, and unregister (a VMA walk under the mmap lock taken
+	 * for writing) is left out: the usual case for a single page. */
 	uffd_wake(a->uffd, it->addr, len);
-	ok = uffd_unregister(a->uffd, it->addr, len) == 0;
+	ok = (over == n && !ro) ||
+	     uffd_unregister(a->uffd, it->addr, len) == 0;
 	if (!ok)	/* then a populate could wait on this thread */
 		log_warn("unregister %#lx", (unsigned long)it->addr);
 	if (memchr(busy, 1, n))
