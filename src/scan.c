@@ -186,8 +186,11 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	if (c->ninflight >= max_inflight)
 		return;
 	if (h == d->zero_hash && sp_page_is_zero(page)) {
-		/* not exclusive: maybe the zero page, copied by fork */
-		if (!(pm & PM_EXCL))
+		/* not exclusive, where the zero page's frame is not known:
+		 * maybe the zero page itself (classify passes over it
+		 * where it is known; a frame of zeros shared after fork is
+		 * merged as any other) */
+		if (!(pm & PM_EXCL) && d->zero_pfn == ZERO_PFN_UNKNOWN)
 			return;
 		if (d->use_zero_pages) {
 			plan(d, c, st, addr, SP_ITEM_ZERO, 0);

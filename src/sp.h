@@ -228,6 +228,7 @@ int sys_mlockall(int flags);
 #define ST_IS_POOL(v) ((v) >= 2u)
 #define ST_POOL(v) ((v) - 2u)
 #define NO_SLOT 0xffffffffu
+#define ZERO_PFN_UNKNOWN UINT64_MAX
 
 enum { PS_SEEN = 1, PS_INFLIGHT = 2, PS_IMMOVABLE = 4 };
 /* flags >> PS_WAIT_SHIFT: passes a pinned page is passed over */
@@ -316,7 +317,8 @@ struct daemon {
 	struct pool pool;
 	struct unstable ut;
 	uint64_t zero_hash;
-	uint64_t zero_pfn;	/* the kernel's zero page; 0: unknown */
+	uint64_t zero_pfn;	/* the kernel's zero page; 0: reads never map
+				 * it; or ZERO_PFN_UNKNOWN */
 	uint8_t *buf, *cmp;
 	int unmerge_waiter;	/* CLI fd waiting for run=2, or -1 */
 	uint64_t unmerge_deadline;

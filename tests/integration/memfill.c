@@ -69,11 +69,12 @@
  *                         serving on the same stdin/stdout is NOT done:
  *                         the child checks SEED 1 after 1.5 s, twice,
  *                         and exits 0 if intact (see tests)
- *   forkmap N             fork; the child maps N fresh pages, fills
- *                         them with SEED 1 (N 0: keeps the region) and
- *                         answers through the parent "ok PID ADDR
- *                         GETPRCTL"; it waits for "wait", then checks
- *                         its region for SEED 1 and exits 0 if intact
+ *   forkmap N [SEED]      fork; the child maps N fresh pages, fills
+ *                         them with SEED (1 unless given; N 0: keeps
+ *                         the region) and answers through the parent
+ *                         "ok PID ADDR GETPRCTL"; it waits for "wait",
+ *                         then checks its region for SEED and exits 0
+ *                         if intact
  *   wait                  wait for the forked child: "ok STATUS"
  *   cmpfile FILE P        page P equals the first page of FILE
  *   mmapmany N            N more small mappings of the program's own
@@ -468,7 +469,7 @@ static void cmd_uread(const char *file, size_t page)
 static pid_t child;
 static int child_go = -1;	/* forkmap: write end of the child's go pipe */
 
-static void cmd_forkmap(size_t n)
+static void cmd_forkmap(size_t n, unsigned seed)
 {
 	int up[2], go[2];
 	pid_t pid;
@@ -490,7 +491,7 @@ static void cmd_forkmap(size_t n)
 			if (region == MAP_FAILED)
 				_exit(2);
 			npages = n;
-			fill(1, 0, n);
+			fill(seed, 0, n);
 		}
 		len = snprintf(msg, sizeof(msg), "%d %p %d", (int)getpid(),
 			       (void *)region,
@@ -500,7 +501,7 @@ static void cmd_forkmap(size_t n)
 		close(up[1]);
 		if (read(go[0], &c, 1) < 0)
 			_exit(2);
-		_exit(check(1, 0, npages) < 0 ? 0 : 1);
+		_exit(check(seed, 0, npages) < 0 ? 0 : 1);
 	}
 	close(up[1]);
 	close(go[0]);
@@ -852,8 +853,8 @@ int main(int argc, char **argv)
 			cmd_direct((unsigned)x, (double)y, a1);
 		} else if (sscanf(line, "uread %255s %lu", a1, &x) == 2) {
 			cmd_uread(a1, x);
-		} else if (sscanf(line, "forkmap %lu", &x) == 1) {
-			cmd_forkmap(x);
+		} else if ((k = sscanf(line, "forkmap %lu %lu", &x, &y)) >= 1) {
+			cmd_forkmap(x, k == 2 ? (unsigned)y : 1);
 		} else if (!strncmp(line, "fork", 4)) {
 			cmd_fork();
 		} else if (!strncmp(line, "wait", 4)) {

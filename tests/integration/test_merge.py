@@ -405,6 +405,39 @@ def test_pages_shared_after_fork_merge():
               f"stderr: {a.err()[:200]}")
 
 
+def test_zero_pages_shared_after_fork_merge():
+    """Pages of zeros written before fork (real frames, on this kernel
+    also pages only read: pvm_no_zero_page) and shared with the child
+    since: as KSM does, with use_zero_pages both processes end on the
+    zero page, and without it on one pool page."""
+    n = 1000
+    for zero in (1, 0):
+        with Env() as e:
+            e.d.set(run=0, use_zero_pages=zero)
+            a = e.proc()
+            a.map(n)
+            a.ok(f"fill 0 0 {n}")
+            a.ok("merge")
+            pid, addr, _ = a.ok("forkmap 0 0").split()
+            pid, addr = int(pid), int(addr, 16)
+            check(pfns(pid, addr, n) == a.pfns(),
+                  "the child does not share its parent's frames")
+            e.d.set(run=1)
+            if zero:
+                st = converge(e.d, "ksm_zero_pages", 2 * n)
+            else:
+                st = converge(e.d, "pages_sharing", 2 * n - 1)
+                check(st["pages_shared"] == 1,
+                      f"pages_shared {st['pages_shared']}, want 1")
+            frames = set(a.pfns()) | set(pfns(pid, addr, n))
+            check(len(frames) == 1, f"{len(frames)} frames for {2 * n} "
+                  "pages of zeros")
+            a.ok(f"fill 5 0 {n // 2}")
+            a.ok(f"check 5 0 {n // 2}")
+            a.ok(f"check 0 {n // 2} {n - n // 2}")
+            check(a.ok("wait") == "0", "the child saw wrong contents")
+
+
 def test_scanning_copies_nothing_after_fork():
     """Reading a page to hash it must not give the process a copy of a
     page it shares with its child since fork (process_vm_readv would:
@@ -687,6 +720,7 @@ if __name__ == "__main__":
         test_prctl_survives_exec,
         test_prctl_holds_in_forked_children,
         test_pages_shared_after_fork_merge,
+        test_zero_pages_shared_after_fork_merge,
         test_scanning_copies_nothing_after_fork,
         test_huge_pages_merge,
         test_runs_across_vma_boundaries,
