@@ -530,31 +530,26 @@ static void daemonize(void)
 /*
  * The kernel's shared zero page as pagemap shows it: a read of fresh
  * anonymous memory maps it, not mapped exclusively.  0 where a read
- * allocates a page of the reader's own (pvm_no_zero_page): then no
- * anonymous page is the zero page.  ZERO_PFN_UNKNOWN where pagemap
- * cannot tell (PFNs hidden without CAP_SYS_ADMIN, or the probe failed).
+ * allocates a page of the reader's own (pvm_no_zero_page) or PFNs are
+ * hidden (no CAP_SYS_ADMIN).
  */
 static uint64_t zero_pfn(void)
 {
 	uint8_t *p = mmap(NULL, SP_PAGE, PROT_READ,
 			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-	uint64_t pm = 0, pfn = ZERO_PFN_UNKNOWN;
+	uint64_t pm = 0;
 
 	if (p != MAP_FAILED && fd >= 0) {
 		(void)*(volatile uint8_t *)p;
 		if (sp_pagemap_read(fd, (uintptr_t)p, 1, &pm) < 0)
 			pm = 0;
 	}
-	if ((pm & PM_PRESENT) && (pm & PM_EXCL))
-		pfn = 0;		/* a page of its own */
-	else if ((pm & PM_PRESENT) && PM_PFN(pm))
-		pfn = PM_PFN(pm);
 	if (fd >= 0)
 		close(fd);
 	if (p != MAP_FAILED)
 		munmap(p, SP_PAGE);
-	return pfn;
+	return (pm & PM_PRESENT) && !(pm & PM_EXCL) ? PM_PFN(pm) : 0;
 }
 
 int main(int argc, char **argv)
@@ -604,6 +599,7 @@ int main(int argc, char **argv)
 	memset(D.cmp, 0, SP_PAGE);
 	D.zero_hash = XXH3_64bits(D.cmp, SP_PAGE);
 	D.zero_pfn = zero_pfn();
+	D.kpageflags = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
 	if (!D.buf || pool_init(&D.pool, pool_bytes) < 0 ||
 	    ut_init(&D.ut, 1 << 16) < 0) {
 		log_warn("cannot set up the pool");

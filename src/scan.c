@@ -17,9 +17,11 @@
  * The agent compares again before anything is replaced.
  */
 #include <errno.h>
+#include <linux/kernel-page-flags.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "sp.h"
@@ -169,6 +171,25 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 	return true;
 }
 
+/*
+ * A page of zeros not mapped exclusively: a frame of zeros a parent and
+ * its child share since fork, to be merged as any other, or a zero page
+ * of the kernel's, which costs nothing and must be left alone.  classify
+ * knows the zero page's frame where a read of fresh memory maps it, but
+ * not the huge zero page's (a read of a THP range), nor a kernel's where
+ * reads map neither (this one).  /proc/kpageflags tells (KPF_ZERO_PAGE,
+ * both kinds); without it such pages are left alone.
+ */
+static bool zeros_of_its_own(const struct daemon *d, uint64_t pm)
+{
+	uint64_t f;
+
+	return d->kpageflags >= 0 && PM_PFN(pm) &&
+	       pread(d->kpageflags, &f, sizeof(f),
+		     (off_t)(PM_PFN(pm) * sizeof(f))) == (ssize_t)sizeof(f) &&
+	       !(f >> KPF_ZERO_PAGE & 1);
+}
+
 static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 			struct pstate *st, const uint8_t *page, uint64_t pm)
 {
@@ -186,11 +207,7 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	if (c->ninflight >= max_inflight)
 		return;
 	if (h == d->zero_hash && sp_page_is_zero(page)) {
-		/* not exclusive, where the zero page's frame is not known:
-		 * maybe the zero page itself (classify passes over it
-		 * where it is known; a frame of zeros shared after fork is
-		 * merged as any other) */
-		if (!(pm & PM_EXCL) && d->zero_pfn == ZERO_PFN_UNKNOWN)
+		if (!(pm & PM_EXCL) && !zeros_of_its_own(d, pm))
 			return;
 		if (d->use_zero_pages) {
 			plan(d, c, st, addr, SP_ITEM_ZERO, 0);

@@ -228,7 +228,6 @@ int sys_mlockall(int flags);
 #define ST_IS_POOL(v) ((v) >= 2u)
 #define ST_POOL(v) ((v) - 2u)
 #define NO_SLOT 0xffffffffu
-#define ZERO_PFN_UNKNOWN UINT64_MAX
 
 enum { PS_SEEN = 1, PS_INFLIGHT = 2, PS_IMMOVABLE = 4 };
 /* flags >> PS_WAIT_SHIFT: passes a pinned page is passed over */
@@ -317,8 +316,8 @@ struct daemon {
 	struct pool pool;
 	struct unstable ut;
 	uint64_t zero_hash;
-	uint64_t zero_pfn;	/* the kernel's zero page; 0: reads never map
-				 * it; or ZERO_PFN_UNKNOWN */
+	uint64_t zero_pfn;	/* the kernel's zero page; 0: unknown */
+	int kpageflags;		/* /proc/kpageflags, or -1 */
 	uint8_t *buf, *cmp;
 	int unmerge_waiter;	/* CLI fd waiting for run=2, or -1 */
 	uint64_t unmerge_deadline;
