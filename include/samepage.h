@@ -31,7 +31,9 @@ typedef void (*samepage_log_fn)(int level, const char *msg, void *arg);
 /* What the agent of this process has done so far. */
 struct samepage_agent_stats {
 	int active;		   /* 1 while connected to a daemon */
-	int safety;		   /* 1 = UFFDIO_MOVE (full), 0 = none */
+	int safety;		   /* 1 = UFFDIO_MOVE (full), 2 = write-
+				    * protection without the pinned-page
+				    * check (SAMEPAGE_NO_PIN_CHECK), 0 = off */
 	uint64_t merged_pages;	   /* pages replaced by a pool page */
 	uint64_t zero_pages;	   /* all-zero pages freed */
 	uint64_t pinned_skipped;   /* pages refused because pinned or shared */

@@ -474,10 +474,20 @@ static void register_all(struct sp_agent *a)
 				     a->regions.v[i].end);
 }
 
+/*
+ * UFFDIO_MOVE (Linux 6.8) keeps writes out of a page while it is
+ * compared and replaced, and refuses pages pinned for I/O.  Without it
+ * the agent can write-protect the page instead, but cannot tell a pinned
+ * one: what a device writes into it after the merge would be lost.  So
+ * that fallback is used only when the user asks for it
+ * (SAMEPAGE_NO_PIN_CHECK=1) and the status says so.
+ */
 static int open_uffd(struct sp_agent *a)
 {
-	bool has_move = false, shmem_wp = false;
-	int fd = uffd_open(&has_move, &shmem_wp);
+	struct uffd_caps caps = { 0 };
+	const char *opt = getenv("SAMEPAGE_NO_PIN_CHECK");
+	bool wp_ok = opt && !strcmp(opt, "1");
+	int fd = uffd_open(&caps, agent_fault("nomove"));
 
 	if (fd < 0) {
 		errno = -fd;
@@ -485,15 +495,27 @@ static int open_uffd(struct sp_agent *a)
 			 "as root, or: setfacl -m u:$USER:rw /dev/userfaultfd)");
 		return fd;
 	}
-	if (!has_move) {
+	if (!caps.move && (!wp_ok || !caps.anon_wp)) {
 		close(fd);
-		log_warnx("this kernel lacks UFFDIO_MOVE (Linux 6.8 or later "
-			  "is needed); merging is off");
+		if (!wp_ok)
+			log_warnx("this kernel lacks UFFDIO_MOVE (Linux 6.8 or "
+				  "later is needed); merging is off (or set "
+				  "SAMEPAGE_NO_PIN_CHECK=1 to merge by "
+				  "write-protection, which cannot see pages "
+				  "pinned for O_DIRECT, io_uring or device I/O)");
+		else
+			log_warnx("this kernel has neither UFFDIO_MOVE nor "
+				  "userfaultfd write-protection (Linux 5.7); "
+				  "merging is off");
 		return -EOPNOTSUPP;
 	}
+	if (!caps.move)
+		log_warnx("this kernel lacks UFFDIO_MOVE: merging by "
+			  "write-protection, without the pinned-page check "
+			  "(SAMEPAGE_NO_PIN_CHECK=1)");
 	a->uffd = fd;
-	a->safety = 1;
-	a->shmem_wp = shmem_wp;
+	a->safety = caps.move ? SP_SAFETY_MOVE : SP_SAFETY_WP;
+	a->shmem_wp = caps.shmem_wp;
 	return 0;
 }
 

@@ -55,9 +55,9 @@ static const uint64_t recount_every = 512;
 
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, moveback, delay, latedelay, differ, inplace,
- * slowunmerge, breakcow and nopfn.  Read once; merges run one at a time under the agent
- * lock. */
-static bool fault(const char *what)
+ * slowunmerge, breakcow, nopfn and nomove (agent.c).  Read once; merges
+ * run one at a time under the agent lock. */
+bool agent_fault(const char *what)
 {
 	static const char *f;
 	static bool read;
@@ -81,7 +81,7 @@ static bool fault(const char *what)
  * heap. */
 void agent_merge_init(void)
 {
-	(void)fault("");
+	(void)agent_fault("");
 }
 
 /* Is all of [addr, addr + len) still mapped?  (msync: ENOMEM if not.)
@@ -158,7 +158,7 @@ static void move_back(struct sp_agent *a, uintptr_t addr, size_t i,
 	uintptr_t dst = addr + i * SP_PAGE;
 	uintptr_t src = (uintptr_t)a->slot + i * SP_PAGE;
 	size_t moved = 0, k;
-	bool no_move = copy || fault("moveback");
+	bool no_move = copy || agent_fault("moveback");
 	int r;
 
 	if (!no_move &&
@@ -271,7 +271,7 @@ static bool pool_pfns_match(struct sp_agent *a, uintptr_t addr,
 	    sp_pagemap_read(a->pagemap, addr, n, mine) < 0 ||
 	    sp_pagemap_read(a->pagemap, (uintptr_t)pool, n, theirs) < 0)
 		return false;
-	*same = !fault("nopfn");	/* as without CAP_SYS_ADMIN */
+	*same = !agent_fault("nopfn");	/* as without CAP_SYS_ADMIN */
 	for (i = 0; i < n; i++) {
 		if ((mine[i] & (PM_PRESENT | PM_FILE)) !=
 		    (PM_PRESENT | PM_FILE))
@@ -319,7 +319,7 @@ static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
 {
 	uint64_t pm[SP_ITEM_PAGES];
 
-	if (!fault("breakcow") &&
+	if (!agent_fault("breakcow") &&
 	    sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
 		return;
 	SP_ASSERT(n <= SP_ITEM_PAGES);
@@ -336,7 +336,7 @@ static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
 		    a->memfd < 0)
 			continue;
 		if (pread(a->memfd, &c, 1, (off_t)q) == 1 &&
-		    (!fault("breakcow") || usleep(1000) == 0) &&
+		    (!agent_fault("breakcow") || usleep(1000) == 0) &&
 		    pwrite(a->memfd, &c, 1, (off_t)q) != 1)
 			log_warn("unmerge %#lx", (unsigned long)q);
 	}
@@ -375,7 +375,7 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 
 /*
  * Is [addr, addr + n pages) still the empty, registered hole this merge
- * made?  A raw munmap(2) that bypassed the lock (libc's own, when free(3)
+ * made (with write-protection: the protected pages)?  A raw munmap(2) that bypassed the lock (libc's own, when free(3)
  * returns a big block) may have taken it since, and a raw mmap may have
  * put a fresh mapping there, which is the program's: the pool must not
  * be mapped over it.  A run across a VMA boundary is asked page by page.
@@ -384,8 +384,22 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n)
 {
 	uintptr_t hole = (uintptr_t)a->scratch + SP_SCRATCH_PAGES * SP_PAGE;
-	int r = uffd_is_hole(a->uffd, addr, hole, n * SP_PAGE);
+	uint64_t pm[SP_ITEM_PAGES];
+	int r;
 
+	if (a->safety == SP_SAFETY_WP) {
+		/* no hole: the pages compared are still there, present and
+		 * write-protected by this merge (a fresh mapping of the
+		 * program's never is) */
+		if (sp_pagemap_read(a->pagemap, addr, n, pm) < 0)
+			return false;
+		for (size_t i = 0; i < n; i++)
+			if ((pm[i] & (PM_PRESENT | PM_FILE | PM_UFFD_WP)) !=
+			    (PM_PRESENT | PM_UFFD_WP))
+				return false;
+		return true;
+	}
+	r = uffd_is_hole(a->uffd, addr, hole, n * SP_PAGE);
 	if (r != -EINVAL || n == 1)
 		return r == 0;
 	for (size_t i = 0; i < n; i++)
@@ -475,22 +489,23 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 	 * bytes do not change, and a sanitizer's interceptor would take the
 	 * new mapping for a write by the agent thread (TSan reports every
 	 * later read by the program as a race). */
-	r = fault("map") ? MAP_FAILED
+	r = agent_fault("map") ? MAP_FAILED
 	    : a->def_locked ? map_staged(a, addr, len, prot, pgoff)
 			    : (void *)syscall(SYS_mmap, addr, len, prot,
 					      MAP_PRIVATE | MAP_FIXED,
 					      a->poolfd,
 					      (off_t)(pgoff * SP_PAGE));
 	if (r == MAP_FAILED) {
-		int err = fault("map") ? -ENOMEM : -errno;
+		int err = agent_fault("map") ? -ENOMEM : -errno;
 
-		keep_hole(a, addr, len);
+		if (a->safety == SP_SAFETY_MOVE)
+			keep_hole(a, addr, len);
 		return err;
 	}
 	a->figs.mappings += 2;
 	reapply_flags(a, addr, len);
 	if (sys_madvise((void *)addr, len, MADV_POPULATE_READ) < 0 ||
-	    fault("verify") || !pool_pfns_match(a, addr, pool, n, &same) ||
+	    agent_fault("verify") || !pool_pfns_match(a, addr, pool, n, &same) ||
 	    (!same && !same_bytes(a, addr, pool, n))) {
 		log_debug("check after mapping failed at %#lx",
 			  (unsigned long)addr);
@@ -507,15 +522,16 @@ static void set_bits(struct sp_item_result *res, size_t i, size_t n)
 }
 
 /*
- * Read the moved pages [c, c + m) of the item (those with in[] set) into
- * dst by process_vm_readv on ourselves.  On this machine kind the first
+ * Read the pages [c, c + m) of the item at src (those with in[] set:
+ * moved into scratch, or write-protected in place) into dst by
+ * process_vm_readv on ourselves.  On this machine kind the first
  * touch of a page just moved into scratch, or of a pool page, costs about
  * 5 us; a kernel copy costs about 1.5 us a page in runs (measured).
  * Pages not moved are not read: scratch is registered with userfaultfd
  * and a read of a hole there would wait for ourselves.
  */
-static bool read_moved(struct sp_agent *a, const uint8_t *in, size_t c,
-		       size_t m, uint8_t *dst)
+static bool read_moved(struct sp_agent *a, const uint8_t *src,
+		       const uint8_t *in, size_t c, size_t m, uint8_t *dst)
 {
 	struct iovec lio[SP_CMP_PAGES], rio[SP_CMP_PAGES];
 	size_t nv = 0, want = 0, k, e;
@@ -529,7 +545,7 @@ static bool read_moved(struct sp_agent *a, const uint8_t *in, size_t c,
 		if (e == k)
 			break;
 		lio[nv].iov_base = dst + k * SP_PAGE;
-		rio[nv].iov_base = a->slot + (c + k) * SP_PAGE;
+		rio[nv].iov_base = (void *)(uintptr_t)(src + (c + k) * SP_PAGE);
 		lio[nv].iov_len = rio[nv].iov_len = (e - k) * SP_PAGE;
 		want += (e - k) * SP_PAGE;
 		nv++;
@@ -544,17 +560,22 @@ static bool read_moved(struct sp_agent *a, const uint8_t *in, size_t c,
 	return got == (ssize_t)want;
 }
 
-/* eq[i]: page i was moved out and equals its pool page (or zero). */
+/*
+ * eq[i]: page i, at src + i pages, was moved out (or write-protected)
+ * and equals its pool page (or zero).  Only moved pages (in scratch) are
+ * ever compared in place: the program's own could be unmapped under
+ * this thread by a raw munmap.
+ */
 static void compare(struct sp_agent *a, const struct sp_item *it,
-		    const uint8_t *in, uint8_t *eq)
+		    const uint8_t *src, const uint8_t *in, uint8_t *eq)
 {
 	uint8_t *mine = a->cmpbuf, *pool = a->cmpbuf + SP_CMP_PAGES * SP_PAGE;
 	size_t n = it->npages, c, k;
 
 	for (c = 0; c < n; c += SP_CMP_PAGES) {
 		size_t m = n - c < SP_CMP_PAGES ? n - c : SP_CMP_PAGES;
-		bool copied = !a->no_vm_read && !fault("inplace") &&
-			      read_moved(a, in, c, m, mine);
+		bool copied = !a->no_vm_read && !agent_fault("inplace") &&
+			      read_moved(a, src, in, c, m, mine);
 
 		if (copied && it->kind == SP_ITEM_POOL &&
 		    pread(a->poolfd, pool, m * SP_PAGE,
@@ -565,11 +586,12 @@ static void compare(struct sp_agent *a, const struct sp_item *it,
 			size_t i = c + k;
 			/* in place where the copies failed: slower, as good */
 			const uint8_t *pm = copied ? mine + k * SP_PAGE
-						   : a->slot + i * SP_PAGE;
+						   : src + i * SP_PAGE;
 			const uint8_t *pp = copied ? pool + k * SP_PAGE
 				: a->pool + (it->pgoff + i) * SP_PAGE;
 
-			eq[i] = in[i] && !fault("differ") &&
+			eq[i] = in[i] && !agent_fault("differ") &&
+				(copied || src == a->slot) &&
 				(it->kind == SP_ITEM_ZERO
 					 ? sp_page_is_zero(pm)
 					 : memcmp(pm, pp, SP_PAGE) == 0);
@@ -636,6 +658,14 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 	int r, prot;
 
 	if (it->kind == SP_ITEM_ZERO) {
+		/* With write-protection the pages are still there: dropped
+		 * first (an access meanwhile waits, MISSING mode). */
+		if (a->safety == SP_SAFETY_WP &&
+		    (!still_ours(a, at, n) ||
+		     (sys_madvise((void *)at, n * SP_PAGE,
+				  MADV_DONTNEED_LOCKED) < 0 &&
+		      sys_madvise((void *)at, n * SP_PAGE, MADV_DONTNEED) < 0)))
+			return 0;
 		if (uffd_zeropage(a->uffd, at, n * SP_PAGE) < 0)
 			return 0;
 		a->zero_pages += n;
@@ -749,15 +779,14 @@ static void unshare_forked(struct sp_agent *a, uintptr_t addr, size_t n,
 	}
 }
 
-static int merge_once(struct sp_agent *a, const struct sp_item *it,
-		      struct sp_item_result *res, uint8_t *redo)
+/*
+ * Is the item still to be merged?  1: yes.  0: stale, or never (res
+ * says so).  -ERANGE: it names pages outside the pool.
+ */
+static int item_ok(struct sp_agent *a, const struct sp_item *it,
+		   struct sp_item_result *res)
 {
-	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
-	uint8_t back[SP_ITEM_PAGES] = { 0 };	/* to put back, read-only */
-	uint8_t busy[SP_ITEM_PAGES] = { 0 };	/* refused: see unshare_forked */
-	size_t n = it->npages, len = n * SP_PAGE, i, j, over = 0;
-	bool ro, ok;
-	int r, r2;
+	size_t n = it->npages, len = n * SP_PAGE;
 
 	memset(res, 0, sizeof(*res));
 	if (!rg_covered(&a->regions, it->addr, it->addr + len, RG_MERGEABLE))
@@ -768,10 +797,26 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 	if (agent_owns(a, it->addr, it->addr + len)) {
 		/* a region left from memory libc freed without the
 		 * interposed munmap, reused for the agent's own */
-		for (i = 0; i < n; i++)
+		for (size_t i = 0; i < n; i++)
 			sp_bit_set(res->immovable, i);
 		return 0;
 	}
+	return 1;
+}
+
+static int merge_once(struct sp_agent *a, const struct sp_item *it,
+		      struct sp_item_result *res, uint8_t *redo)
+{
+	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
+	uint8_t back[SP_ITEM_PAGES] = { 0 };	/* to put back, read-only */
+	uint8_t busy[SP_ITEM_PAGES] = { 0 };	/* refused: see unshare_forked */
+	size_t n = it->npages, len = n * SP_PAGE, i, j, over = 0;
+	bool ro, ok;
+	int r, r2;
+
+	r = item_ok(a, it, res);
+	if (r <= 0)
+		return r;
 	ro = run_prot(a, it->addr, len) == PROT_READ;
 	if (ro ? !ro_open(a, it->addr, len)
 	       : uffd_register(a->uffd, it->addr, len,
@@ -786,9 +831,9 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 	a->slot = a->scratch + a->scratch_used * SP_PAGE;
 	a->scratch_used += n;
 	r = move_out(a, it->addr, n, in, busy, res);
-	if (fault("delay"))
+	if (agent_fault("delay"))
 		usleep(200000);	/* widen the window for tests */
-	compare(a, it, in, eq);
+	compare(a, it, a->slot, in, eq);
 	for (i = 0; i < n; i++)
 		if (in[i] && !eq[i])
 			a->figs.changed_skipped++;
@@ -805,7 +850,7 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 		else if (r2 == 0)
 			restore(a, it->addr, in, i, j, false);
 	}
-	if (fault("latedelay"))
+	if (agent_fault("latedelay"))
 		usleep(200000);	/* all mapped or put back (read-write) */
 	if (ro) {
 		/* read-only first, then the pages back: never writable */
@@ -828,12 +873,79 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 	return r;
 }
 
+/*
+ * The write-protect fallback, for kernels without UFFDIO_MOVE, where the
+ * user opted in (SAMEPAGE_NO_PIN_CHECK=1; agent.c).  The pages stay in
+ * place.  Userfaultfd write-protects them: the program's writes wait in
+ * the kernel, its reads go on.  Then the same steps as merge_once: each
+ * protected page is compared with its pool page, and the pool pages are
+ * mapped over the equal sub-runs (a zero run is dropped, and
+ * UFFDIO_ZEROPAGE maps the zero page); still_ours checks first that the
+ * pages are still the protected ones.  A waiting write retries on the
+ * pool mapping (and breaks copy-on-write) or, where the page stayed, on
+ * the page once unregister has lifted the protection.  What this cannot
+ * do is see a pin: a page pinned for I/O before the protection (O_DIRECT
+ * in flight, an io_uring fixed buffer, VFIO) is merged all the same, and
+ * what the device writes into it afterwards is lost.  Read-only ranges
+ * are left alone.
+ */
+static int merge_wp(struct sp_agent *a, const struct sp_item *it,
+		    struct sp_item_result *res)
+{
+	uint8_t in[SP_ITEM_PAGES] = { 0 }, eq[SP_ITEM_PAGES];
+	uint64_t pm[SP_ITEM_PAGES];
+	size_t n = it->npages, len = n * SP_PAGE, i, j;
+	int r = item_ok(a, it, res);
+
+	if (r <= 0)
+		return r;
+	if (run_prot(a, it->addr, len) != (PROT_READ | PROT_WRITE)) {
+		for (i = 0; i < n; i++)
+			sp_bit_set(res->immovable, i);
+		return 0;
+	}
+	if (uffd_register(a->uffd, it->addr, len,
+			  UFFDIO_REGISTER_MODE_MISSING |
+				  UFFDIO_REGISTER_MODE_WP) < 0)
+		return 0;
+	if (uffd_writeprotect(a->uffd, it->addr, len) == 0 &&
+	    sp_pagemap_read(a->pagemap, it->addr, n, pm) == 0) {
+		for (i = 0; i < n; i++)
+			in[i] = (pm[i] & (PM_PRESENT | PM_FILE | PM_UFFD_WP)) ==
+				(PM_PRESENT | PM_UFFD_WP);
+		compare(a, it, (const uint8_t *)it->addr, in, eq);
+		if (agent_fault("delay"))
+			usleep(200000);	/* compared, not replaced: writes wait */
+		for (i = 0; i < n; i++)
+			if (in[i] && !eq[i])
+				a->figs.changed_skipped++;
+		for (i = 0; i < n; i = j) {
+			for (j = i + 1; j < n && eq[j] == eq[i]; j++)
+				;
+			if (eq[i] && merge_run(a, it, i, j, res) > 0)
+				set_bits(res, i, j - i);
+		}
+	}
+	if (agent_fault("latedelay"))
+		usleep(200000);
+	/* Wake first, as in merge_once; unregister lifts the protection
+	 * and wakes the writes still waiting on it. */
+	uffd_wake(a->uffd, it->addr, len);
+	if (uffd_unregister(a->uffd, it->addr, len) < 0)
+		log_warn("unregister %#lx", (unsigned long)it->addr);
+	return 0;
+}
+
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res)
 {
 	uint8_t redo[SP_ITEM_PAGES] = { 0 };
 	size_t n = it->npages, i, j, k;
-	int r = merge_once(a, it, res, redo);
+	int r;
+
+	if (a->safety == SP_SAFETY_WP)
+		return merge_wp(a, it, res);
+	r = merge_once(a, it, res, redo);
 
 	/* pages just given copies of their own (shared after fork): their
 	 * second try, at once, so that each copy lives microseconds */
@@ -897,7 +1009,7 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 	long t = -1;
 
 	/* (read-only runs need no write-protection: writes fault anyway) */
-	if (prot < 0 || (rw && !a->shmem_wp) || fault("breakcow"))
+	if (prot < 0 || (rw && !a->shmem_wp) || agent_fault("breakcow"))
 		return false;
 	if (rw &&
 	    uffd_register(a->uffd, p, len, UFFDIO_REGISTER_MODE_WP) < 0)
@@ -920,7 +1032,7 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 	if (syscall(SYS_process_vm_readv, a->pid, &lio, 1, &rio, 1, 0) !=
 	    (long)len)
 		goto out;
-	if (n >= 64 && fault("slowunmerge"))
+	if (n >= 64 && agent_fault("slowunmerge"))
 		usleep(20000);	/* widen the window for tests */
 	if (!rw && syscall(SYS_mprotect, t, len, prot) < 0)
 		goto out;

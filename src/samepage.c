@@ -365,9 +365,13 @@ static void print_table(const struct status *st)
 	printf("%-18s %lld\n", "general_profit", (long long)s->general_profit);
 	printf("%-18s %llu (%.1f MiB)\n", "bytes_saved",
 	       (unsigned long long)saved, (double)saved / (1 << 20));
-	printf("%-18s %s\n", "safety",
-	       s->safety_move == s->clients ? "UFFDIO_MOVE (full)"
-					    : "incomplete on some clients");
+	if (s->safety_move == s->clients)
+		printf("%-18s %s\n", "safety", "UFFDIO_MOVE (full)");
+	else
+		printf("%-18s write-protection, pinned pages not detected, "
+		       "on %llu of %llu clients\n", "safety",
+		       (unsigned long long)s->safety_wp,
+		       (unsigned long long)s->clients);
 	if (!st->nc)
 		return;
 	printf("\n%7s %-16s %10s %10s %10s %9s %12s\n", "PID", "COMMAND",
@@ -404,11 +408,12 @@ static void print_json(const struct status *st)
 			       *p);
 		printf("\", \"ksm_merging_pages\": %llu, \"ksm_zero_pages\": "
 		       "%llu, \"registered_pages\": %llu, \"mappings\": %llu, "
-		       "\"ksm_process_profit\": %lld}",
+		       "\"ksm_process_profit\": %lld, \"safety\": \"%s\"}",
 		       (unsigned long long)c->merging_pages,
 		       (unsigned long long)c->zero_pages,
 		       (unsigned long long)c->registered_pages,
-		       (unsigned long long)c->mappings, (long long)c->profit);
+		       (unsigned long long)c->mappings, (long long)c->profit,
+		       c->safety == SP_SAFETY_MOVE ? "move" : "write-protect");
 	}
 	printf("]}\n");
 }

@@ -124,7 +124,8 @@ static void fill_status(struct sp_status *s)
 		s->map_budget = c->figs.map_budget;
 		s->pinned_skipped += c->figs.pinned_skipped;
 		s->budget_refusals += c->figs.budget_refusals;
-		s->safety_move += c->safety == 1;
+		s->safety_move += c->safety == SP_SAFETY_MOVE;
+		s->safety_wp += c->safety == SP_SAFETY_WP;
 	}
 	s->general_profit = (int64_t)((s->pages_sharing + s->ksm_zero_pages) *
 				      SP_PAGE) -
@@ -260,7 +261,9 @@ static int handle_hello(struct client *c, const struct sp_hello *h)
 		return -1;
 	c->agent = true;
 	log_info("pid %d (%s) joined%s", (int)c->pid, c->comm,
-		 c->safety == 1 ? "" : " without UFFDIO_MOVE");
+		 c->safety == SP_SAFETY_MOVE ? ""
+		 : " merging by write-protection, without the pinned-page "
+		   "check");
 	return 0;
 }
 

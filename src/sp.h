@@ -51,6 +51,7 @@ void log_debug(const char *fmt, ...) SP_PRINTF(1, 2);
 /* ---- util.c --------------------------------------------------------- */
 #define PM_PRESENT (1ULL << 63)
 #define PM_FILE (1ULL << 61)	/* file page or shared anon */
+#define PM_UFFD_WP (1ULL << 57)	/* write-protected by userfaultfd */
 #define PM_EXCL (1ULL << 56)	/* mapped exactly once */
 #define PM_PFN(v) ((v) & ((1ULL << 55) - 1))
 
@@ -113,7 +114,12 @@ void rg_free(struct sp_regions *rs);
 void rg_storage(const struct sp_regions *rs, uintptr_t *s, size_t *len);
 
 /* ---- uffd.c: userfaultfd ABI and thin wrappers ---------------------- */
-int uffd_open(bool *has_move, bool *shmem_wp);
+struct uffd_caps {
+	bool move;		/* UFFDIO_MOVE, Linux 6.8 */
+	bool shmem_wp;		/* write-protection of shmem, Linux 5.19 */
+	bool anon_wp;		/* of anonymous memory, Linux 5.7 */
+};
+int uffd_open(struct uffd_caps *caps, bool no_move);
 int uffd_register(int uffd, uintptr_t s, size_t len, unsigned mode);
 int uffd_writeprotect(int uffd, uintptr_t s, size_t len);
 int uffd_unregister(int uffd, uintptr_t s, size_t len);
@@ -151,7 +157,7 @@ struct sp_agent {
 	int active;		/* connected and merging */
 	int sock, uffd, poolfd, pagemap, mapsfd, wakefd[2];
 	int memfd;		/* /proc/self/mem, to break CoW by writing */
-	int safety;		/* 1: UFFDIO_MOVE */
+	int safety;		/* SP_SAFETY_MOVE or SP_SAFETY_WP */
 	int shmem_wp;		/* pool mappings can be write-protected */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
 	/* mlockall(2) state, as far as it went through the interposers */
@@ -198,6 +204,7 @@ void agent_notify(struct sp_agent *a, int type, uintptr_t s, uintptr_t e);
 int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e);
 bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e);
 void agent_merge_init(void);
+bool agent_fault(const char *what);
 void agent_sweep_any(struct sp_agent *a);
 void agent_hide_own(struct sp_agent *a, bool hide);
 int agent_settle(void *p, size_t len, int prot, bool lock);

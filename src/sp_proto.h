@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_PROTO_VERSION 3
+#define SP_PROTO_VERSION 4
 #define SP_MSG_MAX 65536
 #define SP_ITEM_PAGES 512		/* pages in one merge item at most */
 #define SP_ITEM_WORDS (SP_ITEM_PAGES / 64)
@@ -43,9 +43,15 @@ struct sp_hdr {
 	uint32_t len;	/* payload bytes after this header */
 };
 
+/* How an agent keeps writes out while it compares and replaces a page. */
+#define SP_SAFETY_MOVE 1	/* UFFDIO_MOVE: the page is moved out; pinned
+				 * pages are refused */
+#define SP_SAFETY_WP 2		/* userfaultfd write-protection: pinned
+				 * pages are not detected (opted in) */
+
 struct sp_hello {
 	int32_t pid;
-	uint32_t safety;	/* 1: UFFDIO_MOVE available */
+	uint32_t safety;	/* SP_SAFETY_*: how merges are made safe */
 	char comm[16];
 };
 
@@ -124,6 +130,7 @@ struct sp_status {
 	uint64_t clients, mappings, map_budget, pinned_skipped;
 	uint64_t budget_refusals, pool_pages, metadata_bytes;
 	uint64_t safety_move;	/* clients with the full (MOVE) safety net */
+	uint64_t safety_wp;	/* clients merging by write-protection */
 	uint64_t daemon_pid;
 };
 

@@ -46,7 +46,12 @@ static int uffd_new(void)
 	return fd < 0 ? -errno : fd;
 }
 
-int uffd_open(bool *has_move, bool *shmem_wp)
+/*
+ * Open a userfaultfd with the features samepage uses, as far as the
+ * kernel has them; *caps says which.  no_move: leave UFFDIO_MOVE out,
+ * as on a kernel without it (SAMEPAGE_FAULT=nomove, for the tests).
+ */
+int uffd_open(struct uffd_caps *caps, bool no_move)
 {
 	struct uffdio_api api = { .api = UFFD_API };
 	int fd = uffd_new();
@@ -60,15 +65,16 @@ int uffd_open(bool *has_move, bool *shmem_wp)
 		close(fd);
 		return err;
 	}
-	*has_move = (api.features & UFFD_FEATURE_MOVE) != 0;
-	*shmem_wp = (api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) != 0;
+	caps->move = !no_move && (api.features & UFFD_FEATURE_MOVE);
+	caps->shmem_wp = (api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) != 0;
+	caps->anon_wp = (api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP) != 0;
 	close(fd);
 	fd = uffd_new();
 	if (fd < 0)
 		return fd;
 	api.api = UFFD_API;
-	api.features = (*has_move ? UFFD_FEATURE_MOVE : 0) |
-		       (*shmem_wp ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : 0);
+	api.features = (caps->move ? UFFD_FEATURE_MOVE : 0) |
+		       (caps->shmem_wp ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : 0);
 	if (ioctl(fd, UFFDIO_API, &api) < 0) {
 		int err = -errno;
 
