@@ -291,6 +291,8 @@ static void *agent_main(void *arg)
 			pthread_mutex_unlock(&a->lock);
 			if (n == 0 || (n == 1 && why == 'x'))
 				return NULL;	/* samepage_shutdown() */
+			if (n == 1 && why == 'p')
+				return NULL;	/* agent_pause() */
 			continue;	/* a descriptor moved */
 		}
 		if (!pfd[0].revents)
@@ -672,6 +674,42 @@ SAMEPAGE_API void samepage_shutdown(void)
 	sp_fd_close(&a->sock);
 	sp_fd_close(&a->wakefd[0]);
 	sp_fd_close(&a->wakefd[1]);
+	pthread_mutex_unlock(&a->lock);
+}
+
+/*
+ * unshare(CLONE_NEWUSER), and setns into a user or mount namespace, are
+ * refused (EINVAL) to a process of more than one thread, which the
+ * agent's makes of every program under samepage.  So the interposers
+ * (interpose.c) stop the thread around such a call and start it again;
+ * the connection, the userfaultfd and the regions stay, and messages
+ * from the daemon wait in the socket meanwhile.  Returns whether the
+ * thread was stopped.  Not under the lock: the thread takes it.
+ */
+bool agent_pause(struct sp_agent *a)
+{
+	pthread_t t;
+	bool stop;
+
+	pthread_mutex_lock(&a->lock);
+	stop = a->thread_started && a->wakefd[1] >= 0 &&
+	       write(a->wakefd[1], "p", 1) == 1;
+	t = a->thread;
+	if (stop)
+		a->thread_started = 0;
+	pthread_mutex_unlock(&a->lock);
+	if (stop)
+		pthread_join(t, NULL);
+	return stop;
+}
+
+void agent_resume(struct sp_agent *a)
+{
+	pthread_mutex_lock(&a->lock);
+	if (a->active && !a->thread_started && start_thread(a) == 0) {
+		pthread_setname_np(a->thread, "samepage-agent");
+		a->thread_started = 1;
+	}
 	pthread_mutex_unlock(&a->lock);
 }
 

@@ -15,6 +15,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -817,6 +818,41 @@ SAMEPAGE_API int madvise(void *addr, size_t len, int advice)
 		return -1;
 	}
 	return 0;
+}
+
+/*
+ * Calls the kernel allows only to a single-threaded process: the agent's
+ * thread is stopped around them (agent_pause).  CLONE_NEWUSER implies
+ * CLONE_THREAD; joining a mount namespace needs a filesystem context
+ * (CLONE_FS) no other thread shares; nstype 0 may be either.
+ */
+#define ONE_THREAD_UNSHARE (CLONE_NEWUSER | CLONE_THREAD | CLONE_SIGHAND | \
+			    CLONE_VM)
+#define ONE_THREAD_SETNS (CLONE_NEWUSER | CLONE_NEWNS)
+
+SAMEPAGE_API int unshare(int flags)
+{
+	struct sp_agent *a = &sp_agent;
+	bool paused = (flags & ONE_THREAD_UNSHARE) && agent_pause(a);
+	int r = (int)syscall(SYS_unshare, flags), err = errno;
+
+	if (paused)
+		agent_resume(a);
+	errno = err;
+	return r;
+}
+
+SAMEPAGE_API int setns(int fd, int nstype)
+{
+	struct sp_agent *a = &sp_agent;
+	bool paused = (!nstype || (nstype & ONE_THREAD_SETNS)) &&
+		      agent_pause(a);
+	int r = (int)syscall(SYS_setns, fd, nstype), err = errno;
+
+	if (paused)
+		agent_resume(a);
+	errno = err;
+	return r;
 }
 
 SAMEPAGE_API int prctl(int option, ...)

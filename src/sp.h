@@ -205,6 +205,8 @@ int agent_mark_mergeable(struct sp_agent *a, uintptr_t s, uintptr_t e);
 bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e);
 void agent_merge_init(void);
 bool agent_fault(const char *what);
+bool agent_pause(struct sp_agent *a);
+void agent_resume(struct sp_agent *a);
 void agent_sweep_any(struct sp_agent *a);
 void agent_hide_own(struct sp_agent *a, bool hide);
 int agent_settle(void *p, size_t len, int prot, bool lock);

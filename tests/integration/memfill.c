@@ -80,6 +80,8 @@
  *   mmapmany N            N more small mappings of the program's own
  *   mlockall FLAGS        mlockall(2), FLAGS as a number (3: MCL_CURRENT
  *                         | MCL_FUTURE); munlockall: munlockall(2)
+ *   unshare               unshare(CLONE_NEWUSER), which the kernel
+ *                         allows only to a single-threaded process
  *   stats                 the agent's figures, if an agent is loaded
  *   addr                  the region's address
  *   quit
@@ -90,6 +92,7 @@
 #include <liburing.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -863,6 +866,11 @@ int main(int argc, char **argv)
 			cmd_cmpfile(a1, x);
 		} else if (sscanf(line, "mmapmany %lu", &x) == 1) {
 			cmd_mmapmany(x);
+		} else if (!strncmp(line, "unshare", 7)) {
+			if (unshare(CLONE_NEWUSER) == 0)
+				printf("ok\n");
+			else
+				printf("err %s\n", strerror(errno));
 		} else if (!strncmp(line, "stats", 5)) {
 			cmd_stats();
 		} else if (!strncmp(line, "addr", 4)) {

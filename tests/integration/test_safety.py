@@ -328,6 +328,27 @@ def test_exec_stays_under_samepage():
         check(shared(a, b) == 1000, "exec'd program not merged")
 
 
+def test_unshare_user_namespace():
+    """unshare(CLONE_NEWUSER) is allowed only to a single-threaded process
+    (unshare(1), bwrap and container runtimes make it): the agent stops
+    its thread around the call and starts it again, and merging (on from
+    then on) works in the new namespace."""
+    with Env(run=0) as e:
+        a, b = twins(e, 1000)
+        r = a.cmd("unshare")
+        check(r == "ok", f"unshare(CLONE_NEWUSER) under samepage: {r}")
+        with open(f"/proc/{a.pid}/status") as f:
+            threads = [ln.split()[1] for ln in f if ln.startswith("Threads")]
+        check(threads == ["2"], f"threads after unshare: {threads}")
+        e.d.set(run=1)
+        converge(e.d, "pages_sharing", 1000)
+        check(shared(a, b) == 1000, f"{shared(a, b)} of 1000 shared")
+        a.ok("write 5 3")
+        check(a.cmd("check 1 5 1") != "ok", "write lost")
+        a.ok("check 1 6 994")
+        b.ok("check 1 0 1000")
+
+
 def test_signals_stay_with_the_program():
     """A signal the program blocks in its threads (to take it with sigwait
     or signalfd, as QEMU does with SIGIO and SIGALRM) stays pending for
@@ -856,6 +877,7 @@ if __name__ == "__main__":
         test_fork_shared_pages_while_writing,
         test_fork_child_and_gc,
         test_exec_stays_under_samepage,
+        test_unshare_user_namespace,
         test_signals_stay_with_the_program,
         test_program_closes_and_reuses_descriptors,
         test_munmap_mremap_dontneed_while_merging,
