@@ -375,11 +375,12 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 
 /*
  * Is [addr, addr + n pages) still the empty, registered hole this merge
- * made (with write-protection: the protected pages)?  A raw munmap(2) that bypassed the lock (libc's own, when free(3)
- * returns a big block) may have taken it since, and a raw mmap may have
- * put a fresh mapping there, which is the program's: the pool must not
- * be mapped over it.  A run across a VMA boundary is asked page by page.
- * Only the instant between this and the mmap stays open.
+ * made (with write-protection: the protected pages)?  A raw munmap(2)
+ * that bypassed the lock (libc's own, when free(3) returns a big block)
+ * may have taken it since, and a raw mmap may have put a fresh mapping
+ * there, which is the program's: the pool must not be mapped over it.
+ * A run across a VMA boundary is asked page by page.  Only the instant
+ * between this and the mmap stays open.
  */
 static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n)
 {
