@@ -662,6 +662,33 @@ SAMEPAGE_API int samepage_unmerge(void *addr, size_t len)
 	return 0;
 }
 
+/*
+ * The kernel keeps PR_SET_MEMORY_MERGE across execve.  The next program's
+ * agent learns it from the environment, which carries the preload too:
+ * SAMEPAGE_ALL, empty for off.  setenv and unsetenv may move the
+ * environment array while another thread of the program is in getenv
+ * (use after free).  samepage run puts SAMEPAGE_ALL in the environment
+ * from the start, so putenv here only swaps the pointer in its slot,
+ * to one of two static strings, written while the other is the one in
+ * use.  Outside the agent lock: without the slot (a program that links
+ * the library), putenv allocates, and malloc may mmap.
+ */
+static void set_all_env(int on, size_t min)
+{
+	static pthread_mutex_t env_lock = PTHREAD_MUTEX_INITIALIZER;
+	static char buf[2][48];
+	static int cur;
+
+	pthread_mutex_lock(&env_lock);
+	cur ^= 1;
+	if (on)
+		snprintf(buf[cur], sizeof(buf[cur]), "SAMEPAGE_ALL=%zu", min);
+	else
+		snprintf(buf[cur], sizeof(buf[cur]), "SAMEPAGE_ALL=");
+	putenv(buf[cur]);
+	pthread_mutex_unlock(&env_lock);
+}
+
 SAMEPAGE_API int samepage_set_merge_any(int on)
 {
 	struct sp_agent *a = &sp_agent;
@@ -683,20 +710,7 @@ SAMEPAGE_API int samepage_set_merge_any(int on)
 	}
 	min = a->any_min;
 	pthread_mutex_unlock(&a->lock);
-	/*
-	 * The kernel keeps PR_SET_MEMORY_MERGE across execve.  The next
-	 * program's agent learns it from the environment, which carries the
-	 * preload too.  Outside the lock: setenv allocates, and malloc may
-	 * mmap.
-	 */
-	if (on) {
-		char v[32];
-
-		snprintf(v, sizeof(v), "%zu", min);
-		setenv("SAMEPAGE_ALL", v, 1);
-	} else {
-		unsetenv("SAMEPAGE_ALL");
-	}
+	set_all_env(on, min);
 	return 0;
 }
 

@@ -298,8 +298,9 @@ static int cmd_run(int argc, char **argv)
 		warn_if_not_preloadable(argv[i]);
 		prepend_env("LD_PRELOAD", dir);
 		setenv("SAMEPAGE_SOCKET", sock_path, 1);
-		if (all)
-			setenv("SAMEPAGE_ALL", all_min_default, 1);
+		/* the slot prctl(PR_SET_MEMORY_MERGE) writes (interpose.c:
+		 * set_all_env), empty for off unless inherited */
+		setenv("SAMEPAGE_ALL", all ? all_min_default : "", all);
 	} else if (fd >= 0) {
 		fprintf(stderr, "samepage: preload library %s not found; "
 			"running %s unmerged\n", pre, argv[i]);
