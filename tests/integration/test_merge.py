@@ -384,9 +384,11 @@ def test_pages_shared_after_fork_merge():
         check(sum(1 for x, y in zip(child, a.pfns()) if x and x == y) == n,
               "the child does not share its parent's frames after fork")
         e.d.set(run=1)
-        wait_for(lambda: (lambda c: all(x is not None and x == y for x, y
-                                        in zip(c, b.pfns())) or None)(
-                              pfns(pid, addr, n)), 30)
+        # the child and a each merge in their own time (a slower under
+        # TSan): wait for both
+        wait_for(lambda: shared(a, b) == n and (
+            lambda c: all(x is not None and x == y for x, y
+                          in zip(c, b.pfns())))(pfns(pid, addr, n)), 30)
         child = pfns(pid, addr, n)
         both = sum(1 for x, y in zip(child, b.pfns()) if x and x == y)
         check(both == n, f"{both} of the child's {n} pages on b's frames")
