@@ -33,11 +33,12 @@ def hammer_rounds(a, n, line, min_writes=0):
     return writes, lost, merged
 
 
-def test_hammer_no_lost_writes():
-    """Writer threads hammer pages while they are merged under them."""
+def test_hammer_no_lost_writes(pair=twins):
+    """Writer threads hammer pages while they are merged under them.
+    pair: twins, or test_writeprotect's."""
     n = 20000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n)
+        a, b = pair(e, n)
         writes, lost, merged_during = hammer_rounds(a, n, "hammer 2 1",
                                                     1_000_000)
         check(lost == 0, f"{lost} of {writes} writes lost")
@@ -511,16 +512,17 @@ def check_remapped(e, a, b, spots, kept):
     check(e.d.proc.poll() is None, "daemon died")
 
 
-def test_raw_remap_during_merge():
+def test_raw_remap_during_merge(pair=twins):
     """What free(3) and malloc(3) do behind the interposers: a raw munmap
     and a fresh mapping in the same place by raw mmap, while pages there
     are out for comparison (each merge held open 200 ms).  The fresh
     mapping is the program's: it reads zeros, keeps what the program
     writes into it at once, and no pool page is mapped over it.  The
-    program lives and the rest is intact."""
+    program lives and the rest is intact.  pair: twins, or
+    test_writeprotect's."""
     n = 4000
     with Env() as e:
-        a, b = twins(e, n, fault="delay")
+        a, b = pair(e, n, fault="delay")
         spots = range(0, n, 400)
         remap_spots(a, spots, 0.1)
         time.sleep(1.5)

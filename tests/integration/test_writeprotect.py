@@ -12,10 +12,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sptest import (Env, check, converge, run_tests, shared,  # noqa: E402
-                    twins)
+from sptest import Env, check, converge, run_tests, shared  # noqa: E402
 from test_merge import test_two_processes_share  # noqa: E402
-from test_safety import check_remapped, hammer_rounds, remap_spots  # noqa: E402
+from test_safety import (test_hammer_no_lost_writes,  # noqa: E402
+                         test_raw_remap_during_merge)
 
 WP = {"SAMEPAGE_FAULT": "nomove", "SAMEPAGE_NO_PIN_CHECK": "1"}
 
@@ -88,15 +88,7 @@ def test_wp_merges_and_says_so():
 def test_wp_hammer_no_lost_writes():
     """Writer threads hammer pages while they are write-protected,
     compared and replaced under them: no write lost in a million."""
-    n = 20000
-    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = wp_twins(e, n)
-        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1", 1_000_000)
-        check(lost == 0, f"{lost} of {writes} writes lost")
-        check(merged > 0, "no merge happened while hammering")
-        b.ok(f"check 1 0 {n}")
-        print(f"  {writes} writes, {merged} pages merged meanwhile",
-              flush=True)
+    test_hammer_no_lost_writes(pair=wp_twins)
 
 
 def test_wp_writes_wait_during_merge():
@@ -132,16 +124,10 @@ def test_wp_writes_wait_during_merge():
 
 def test_wp_raw_remap_during_merge():
     """A raw munmap and mmap in the place of pages that are protected
-    and held 200 ms before their comparison: the fresh mapping is the
+    and held 200 ms after their comparison: the fresh mapping is the
     program's and keeps its bytes (no pool page, no zero page is mapped
     over it); the rest is merged and intact."""
-    n = 4000
-    with Env() as e:
-        a, b = wp_twins(e, n, fault="delay")
-        spots = range(0, n, 400)
-        remap_spots(a, spots, 0.1)
-        time.sleep(1.5)
-        check_remapped(e, a, b, spots, 300)
+    test_raw_remap_during_merge(pair=wp_twins)
 
 
 def test_wp_munmap_dontneed_and_unmerge():
