@@ -164,7 +164,7 @@ SAMEPAGE_API int close_range(unsigned first, unsigned last, int flags)
 	if ((flags & CLOSE_RANGE_CLOEXEC) || first > last ||
 	    !own_in(first, last))
 		return real_close_range(first, last, flags);
-	pthread_mutex_lock(&a->lock);	/* no descriptor moves meanwhile */
+	agent_lock(a);	/* no descriptor moves meanwhile */
 	while (lo <= last && r == 0) {
 		unsigned hi = last;
 
@@ -231,7 +231,7 @@ SAMEPAGE_API int dup2(int old, int new)
 
 	if (!is_own(new) || old == new)
 		return real_dup2(old, new);
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	r = make_room(new);
 	if (r == 0)
 		r = real_dup2(old, new);
@@ -246,7 +246,7 @@ SAMEPAGE_API int dup3(int old, int new, int flags)
 
 	if (!is_own(new) || old == new)
 		return real_dup3(old, new, flags);
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	r = make_room(new);
 	if (r == 0)
 		r = real_dup3(old, new, flags);

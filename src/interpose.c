@@ -83,7 +83,7 @@ SAMEPAGE_API void *mmap(void *addr, size_t len, int prot, int flags,
 
 	if (!a->tracking)
 		return sys_mmap(addr, len, prot, flags, fd, off);
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	p = sys_mmap(addr, len, prot, flags, fd, off);
 	err = errno;
 	if (p != MAP_FAILED)
@@ -106,7 +106,7 @@ SAMEPAGE_API int munmap(void *addr, size_t len)
 
 	if (!a->tracking)
 		return sys_munmap(addr, len);
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	r = sys_munmap(addr, len);
 	err = errno;
 	if (r == 0)
@@ -162,7 +162,7 @@ SAMEPAGE_API int mlockall(int flags)
 			note_mlockall(a, flags);
 		return r;
 	}
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	if (flags & MCL_CURRENT)
 		agent_hide_own(a, true);
 	r = sys_mlockall(flags);
@@ -183,7 +183,7 @@ SAMEPAGE_API int munlockall(void)
 	int r, err;
 
 	if (held)
-		pthread_mutex_lock(&a->lock);
+		agent_lock(a);
 	r = (int)syscall(SYS_munlockall);
 	err = errno;
 	if (r == 0) {
@@ -207,7 +207,7 @@ SAMEPAGE_API int munlock(const void *addr, size_t len)
 	int r, err;
 
 	if (held)
-		pthread_mutex_lock(&a->lock);
+		agent_lock(a);
 	r = (int)syscall(SYS_munlock, addr, len);
 	err = errno;
 	if (r == 0)
@@ -348,7 +348,7 @@ SAMEPAGE_API void *mremap(void *old, size_t oldlen, size_t newlen,
 	if (!a->tracking)
 		return (void *)syscall(SYS_mremap, old, oldlen, newlen, flags,
 				       want);
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	i = rg_first(&a->regions, o);
 	known = i < a->regions.n && a->regions.v[i].start <= o;
 	if (known)
@@ -380,7 +380,7 @@ SAMEPAGE_API int mprotect(void *addr, size_t len, int prot)
 
 	if (!a->tracking)
 		return (int)syscall(SYS_mprotect, addr, len, prot);
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	r = (int)syscall(SYS_mprotect, addr, len, prot);
 	err = errno;
 	if (r == 0)
@@ -623,7 +623,7 @@ SAMEPAGE_API int samepage_merge(void *addr, size_t len)
 
 	if (r < 0)
 		return r;
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	if (a->tracking && !rg_covered(&a->regions, s, e, 0))
 		adopt_unknown(a, s, e);
 	r = agent_mark_mergeable(a, s, e);
@@ -656,7 +656,7 @@ SAMEPAGE_API int samepage_unmerge(void *addr, size_t len)
 
 	if (r < 0)
 		return r;
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	unmerge_locked(a, s, e);
 	pthread_mutex_unlock(&a->lock);
 	return 0;
@@ -694,7 +694,7 @@ SAMEPAGE_API int samepage_set_merge_any(int on)
 	struct sp_agent *a = &sp_agent;
 	size_t min;
 
-	pthread_mutex_lock(&a->lock);
+	agent_lock(a);
 	a->tracking = 1;
 	a->merge_any = on != 0;
 	if (on) {
@@ -823,7 +823,7 @@ SAMEPAGE_API int madvise(void *addr, size_t len, int advice)
 	else if (!a->tracking)
 		return sys_madvise(addr, len, advice);
 	else {
-		pthread_mutex_lock(&a->lock);
+		agent_lock(a);
 		r = madvise_tracked(a, s, e, advice);
 		pthread_mutex_unlock(&a->lock);
 	}

@@ -9,6 +9,7 @@
 
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -151,6 +152,8 @@ int uffd_is_hole(int uffd, uintptr_t dst, uintptr_t hole, size_t len);
 #endif
 
 struct sp_agent {
+	atomic_uint waiters;	/* program threads waiting for the lock
+				 * (agent_lock), let in between items */
 	pthread_mutex_t lock;	/* serialises merges with the program's
 				 * mapping changes */
 	int tracking;		/* interposers keep regions up to date */
@@ -206,6 +209,7 @@ bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e);
 void agent_merge_init(void);
 bool agent_fault(const char *what);
 bool agent_pause(struct sp_agent *a);
+void agent_lock(struct sp_agent *a);
 void agent_resume(struct sp_agent *a);
 void agent_sweep_any(struct sp_agent *a);
 void agent_hide_own(struct sp_agent *a, bool hide);

@@ -82,6 +82,9 @@
  *                         | MCL_FUTURE); munlockall: munlockall(2)
  *   unshare               unshare(CLONE_NEWUSER), which the kernel
  *                         allows only to a single-threaded process
+ *   mmaplat SECONDS       mmap and munmap one page in a loop (through
+ *                         libc, so the interposers): "ok CALLS P50_US
+ *                         P99_US MAX_US" of the pairs
  *   stats                 the agent's figures, if an agent is loaded
  *   addr                  the region's address
  *   quit
@@ -587,6 +590,38 @@ static void cmd_mmapmany(unsigned long n)
 	printf("ok\n");
 }
 
+static int cmp_dbl(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static void cmd_mmaplat(double seconds)
+{
+	size_t cap = 1 << 20, n = 0;
+	double *lat = malloc(cap * sizeof(*lat)), until = now() + seconds;
+
+	while (lat && n < cap && now() < until) {
+		double t0 = now();
+		void *p = mmap(NULL, PG, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (p == MAP_FAILED || munmap(p, PG) < 0)
+			break;
+		lat[n++] = (now() - t0) * 1e6;
+	}
+	if (!lat || !n) {
+		printf("err mmap\n");
+		free(lat);
+		return;
+	}
+	qsort(lat, n, sizeof(*lat), cmp_dbl);
+	printf("ok %zu %.0f %.0f %.0f\n", n, lat[n / 2], lat[n * 99 / 100],
+	       lat[n - 1]);
+	free(lat);
+}
+
 static void cmd_stats(void)
 {
 	int (*fn)(struct samepage_agent_stats *) =
@@ -720,6 +755,7 @@ int main(int argc, char **argv)
 {
 	char line[512], a1[256];
 	unsigned long x, y, z, w, v;
+	double secs;
 	int k;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -871,6 +907,8 @@ int main(int argc, char **argv)
 				printf("ok\n");
 			else
 				printf("err %s\n", strerror(errno));
+		} else if (sscanf(line, "mmaplat %lf", &secs) == 1) {
+			cmd_mmaplat(secs);
 		} else if (!strncmp(line, "stats", 5)) {
 			cmd_stats();
 		} else if (!strncmp(line, "addr", 4)) {
