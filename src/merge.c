@@ -54,7 +54,7 @@
 static const uint64_t recount_every = 512;
 
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
- * of verify, map, moveback, delay, latedelay, differ, inplace,
+ * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn and nomove (agent.c).  Read once; merges
  * run one at a time under the agent lock. */
 bool agent_fault(const char *what)
@@ -344,16 +344,18 @@ static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
 
 /*
  * After a failed MAP_FIXED the hole must still be there for move_back.
- * Linux restores the old mapping when mmap fails; if it did not, make
- * the hole again (anonymous, registered) or stop: the saved pages would
- * have nowhere to go.
+ * Linux restores the old mapping when mmap fails, unless the failure
+ * came after it had cleared the old range (a file mapping's PTEs are
+ * cleared before its mmap hook runs): then it leaves a gap.  Make the
+ * hole again (anonymous, registered) or stop: the saved pages would have
+ * nowhere to go.  true: it was made again.
  */
-static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
+static bool keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 {
 	void *p;
 
 	if (mapped(addr, len))
-		return;
+		return false;
 	/* read-write: MOVE moves only out of writable mappings (a
 	 * read-only run is writable while it is merged, see ro_open).
 	 * Made PROT_NONE, and only then read-write, locked as scratch is:
@@ -371,6 +373,28 @@ static void keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 		SP_ASSERT(!"hole lost after a failed mmap");
 	}
 	reapply_flags(a, addr, len);
+	return true;
+}
+
+/*
+ * With write-protection the pages were never moved out: a gap a failed
+ * MAP_FIXED left (keep_hole made it a hole again) took them.  They were
+ * compared equal to the pool pages at pool and could not be written
+ * since, so those bytes go back in, or the process stops.
+ */
+static void refill(struct sp_agent *a, uintptr_t addr, const uint8_t *pool,
+		   size_t len)
+{
+	for (size_t o = 0; o < len; o += SP_PAGE) {
+		int r = uffd_copy(a->uffd, addr + o, (uintptr_t)pool + o,
+				  SP_PAGE);
+
+		if (r < 0 && r != -EEXIST) {
+			log_warn("cannot restore page %#lx",
+				 (unsigned long)(addr + o));
+			SP_ASSERT(!"page could not be restored");
+		}
+	}
 }
 
 /*
@@ -490,17 +514,20 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 	 * bytes do not change, and a sanitizer's interceptor would take the
 	 * new mapping for a write by the agent thread (TSan reports every
 	 * later read by the program as a race). */
-	r = agent_fault("map") ? MAP_FAILED
+	if (agent_fault("mapgap"))	/* as a failure after the clearing */
+		syscall(SYS_munmap, addr, len);
+	r = agent_fault("map") || agent_fault("mapgap") ? MAP_FAILED
 	    : a->def_locked ? map_staged(a, addr, len, prot, pgoff)
 			    : (void *)syscall(SYS_mmap, addr, len, prot,
 					      MAP_PRIVATE | MAP_FIXED,
 					      a->poolfd,
 					      (off_t)(pgoff * SP_PAGE));
 	if (r == MAP_FAILED) {
-		int err = agent_fault("map") ? -ENOMEM : -errno;
+		int err = agent_fault("map") || agent_fault("mapgap")
+				  ? -ENOMEM : -errno;
 
-		if (a->safety == SP_SAFETY_MOVE)
-			keep_hole(a, addr, len);
+		if (keep_hole(a, addr, len) && a->safety == SP_SAFETY_WP)
+			refill(a, addr, pool, len);
 		return err;
 	}
 	a->figs.mappings += 2;

@@ -598,12 +598,18 @@ def test_kill_daemon_mid_unmerge():
               "agent still active with no daemon")
 
 
-def test_verify_failures_restore_pages():
+def test_verify_failures_restore_pages(
+        env=None, faults=("verify", "map", "mapgap", "moveback")):
     """Fault injection: every merge fails at verification, at the final
-    mapping, or in moving pages back; the pages must come back intact."""
-    for what in ("verify", "map", "moveback"):
+    mapping (mapgap: after the kernel cleared the range, which leaves a
+    gap), or in moving pages back; the pages must come back intact.
+    env: more of the environment (test_writeprotect)."""
+    for what in faults:
+        pe = dict(env or {})
+        pe["SAMEPAGE_FAULT"] = ",".join(
+            f for f in (pe.get("SAMEPAGE_FAULT"), what) if f)
         with Env() as e:
-            ps = [e.proc(env={"SAMEPAGE_FAULT": what}) for _ in range(2)]
+            ps = [e.proc(env=pe) for _ in range(2)]
             for p in ps:
                 p.map(3000)
                 p.ok("fill 1 0 3000")

@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import Env, check, converge, run_tests, shared  # noqa: E402
 from test_merge import test_two_processes_share  # noqa: E402
 from test_safety import (test_hammer_no_lost_writes,  # noqa: E402
-                         test_raw_remap_during_merge)
+                         test_raw_remap_during_merge,
+                         test_verify_failures_restore_pages)
 
 WP = {"SAMEPAGE_FAULT": "nomove", "SAMEPAGE_NO_PIN_CHECK": "1"}
 
@@ -130,6 +131,14 @@ def test_wp_raw_remap_during_merge():
     test_raw_remap_during_merge(pair=wp_twins)
 
 
+def test_wp_failures_restore_pages():
+    """Each merge fails at verification or at the mapping, also after
+    the kernel cleared the range (a gap: the pages, never moved out, are
+    put back from the pool, whose bytes they were compared equal to)."""
+    test_verify_failures_restore_pages(env=WP,
+                                       faults=("verify", "map", "mapgap"))
+
+
 def test_wp_munmap_dontneed_and_unmerge():
     """The program's own munmap and DONTNEED while merging, then run=2:
     contents intact, nothing shared after."""
@@ -157,5 +166,6 @@ if __name__ == "__main__":
         test_wp_hammer_no_lost_writes,
         test_wp_writes_wait_during_merge,
         test_wp_raw_remap_during_merge,
+        test_wp_failures_restore_pages,
         test_wp_munmap_dontneed_and_unmerge,
     ]))
