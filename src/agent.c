@@ -545,7 +545,7 @@ static int open_uffd(struct sp_agent *a)
 				  "pinned for O_DIRECT, io_uring or device I/O)");
 		else
 			log_warnx("this kernel has neither UFFDIO_MOVE nor "
-				  "userfaultfd write-protection (Linux 5.7); "
+				  "userfaultfd write-protection (Linux 5.13); "
 				  "merging is off");
 		return -EOPNOTSUPP;
 	}
