@@ -360,9 +360,12 @@ static bool keep_hole(struct sp_agent *a, uintptr_t addr, size_t len)
 	 * read-only run is writable while it is merged, see ro_open).
 	 * Made PROT_NONE, and only then read-write, locked as scratch is:
 	 * a hole faulted in (after mlockall(MCL_FUTURE)) would take no
-	 * page back (see agent_settle in agent.c). */
-	p = sys_mmap((void *)addr, len, PROT_NONE,
-		     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	 * page back (see agent_settle in agent.c).  The raw system call,
+	 * as in map_run: the program's bytes go back in here, and TSan
+	 * would take the mapping for the agent thread's write. */
+	p = (void *)syscall(SYS_mmap, addr, len, PROT_NONE,
+			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			    -1, 0);
 	if (p != (void *)addr ||
 	    agent_settle(p, len, PROT_READ | PROT_WRITE,
 			 a->scratch_locked) < 0 ||

@@ -7,7 +7,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sptest import (PAGE, Env, Fail, Skip, check, converge,  # noqa: E402
+from sptest import (PAGE, Env, Skip, check, converge,  # noqa: E402
                     meminfo, pfns, pool_vmas, run_tests, sanitizer_build,
                     shared, twins, wait_for)
 
@@ -345,6 +345,15 @@ def test_prctl_holds_in_forked_children():
     """As with the kernel, which copies MMF_VM_MERGE_ANY on fork, a child
     forked after PR_SET_MEMORY_MERGE has it set, and the memory it maps
     later merges with another program's."""
+    if sanitizer_build() == "asan":
+        # gdb, 2 of 80 runs: the agent thread the child starts blocks for
+        # ever in GCC 12's libasan, in its own thread start (a free into
+        # its quarantine waits on an allocator mutex the fork copied
+        # taken).  That runtime does not make its allocator safe across
+        # fork; glibc's malloc is.
+        raise Skip("asan build: GCC 12's libasan allocator is not safe "
+                   "across fork in a threaded program (the child's agent "
+                   "thread hangs in ASan's thread start, 2 runs of 80)")
     with Env() as e:
         a, b = e.proc(), e.proc()
         a.ok("prctl 1")
@@ -353,14 +362,7 @@ def test_prctl_holds_in_forked_children():
         b.map(2000)
         b.ok("fill 1 0 2000")
         b.ok("merge")
-        try:
-            converge(e.d, "pages_sharing", 2000)
-        except Fail as f:  # once under ASan, not reproduced: say more
-            procs = [(p["pid"], p.get("registered_pages"))
-                     for p in e.d.status()["processes"]]
-            raise Fail(f"{f}; child {pid}; clients (pid, registered) "
-                       f"{procs}; stderr: {a.err()[-300:]!r}; daemon: "
-                       f"{e.daemon_log()[-300:]!r}") from None
+        converge(e.d, "pages_sharing", 2000)
         child = pfns(int(pid), int(addr, 16), 2000)
         n = sum(1 for x, y in zip(child, b.pfns())
                 if x is not None and x == y)
