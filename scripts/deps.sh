@@ -2,9 +2,16 @@
 # scripts/deps.sh - make sure the Debian packages samepage needs are here.
 # As root, installs what is missing with apt-get; otherwise prints the one
 # line to run.  The README says why each package is needed.
+#   scripts/deps.sh          what building and the demo need
+#   scripts/deps.sh --test   and what the test suite needs too (QEMU)
 set -eu
 
 PKGS="build-essential libxxhash-dev liburing-dev libcmocka-dev python3 mandoc gnuplot-nox"
+case "${1:-}" in
+--test) PKGS="$PKGS qemu-system-x86" ;;
+"") ;;
+*) echo "usage: scripts/deps.sh [--test]" >&2; exit 2 ;;
+esac
 
 missing=""
 for p in $PKGS; do
