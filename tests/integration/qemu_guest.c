@@ -12,15 +12,19 @@
  * QEMU.
  *
  * Serial port (COM1), out: "FILLED <first page> <pages> <identical>",
- * then "PASS <n>" after each pass, "COW" once a storm is done.
- * In: 'c' rewrites every identical page with bytes of this guest's own
- * (a copy-on-write storm); 'q' stops QEMU (isa-debug-exit, status 1).
+ * then "PASS <n>" after each pass, "COW" once a storm is done, "REWRITTEN"
+ * once a rewrite is.  In: 'c' rewrites every identical page with bytes
+ * of this guest's own (a copy-on-write storm); 'r' rewrites them with new
+ * bytes, the same in every guest (they are duplicates again); 'q' stops
+ * QEMU (isa-debug-exit, status 1).
  *
  * Built freestanding, -m32; no libc.
  */
 #define PAGE 4096u
 #define FIRST (0x400000u / PAGE)	/* pages below 4 MiB: this code */
 #define HOT 61u				/* pages p % HOT == 0 are hot */
+#define STORM (1u << 20)		/* generation flags: c and r */
+#define REWRITE (1u << 21)
 
 struct mbinfo {
 	unsigned flags, mem_lower, mem_upper;
@@ -120,12 +124,12 @@ static int kind(unsigned p)
 	return p < n_ident ? IDENT : p < n_ident + n_zero ? ZERO : UNIQUE;
 }
 
-/* The salt of page p's bytes in generation g: storms (g >= 1 << 20) and
- * unique pages are this guest's own; hot identical pages are rewritten
- * with the same bytes in every guest. */
+/* The salt of page p's bytes in generation g: storms and unique pages
+ * are this guest's own; hot identical pages and rewrites have the same
+ * bytes in every guest. */
 static unsigned salt_of(unsigned p, unsigned g)
 {
-	return (kind(p) == UNIQUE || g >= (1u << 20)) ? salt : 0;
+	return (kind(p) == UNIQUE || (g & STORM)) ? salt : 0;
 }
 
 static void write_page(unsigned p, unsigned g)
@@ -192,15 +196,15 @@ void kmain(const struct mbinfo *mb)
 
 		if (c == 'q')
 			quit(0);
-		if (c == 'c') {
+		if (c == 'c' || c == 'r') {
 			for (unsigned p = FIRST; p < FIRST + n_ident; p++)
-				write_page(p, (1u << 20) + pass);
-			puts_("COW\n");
+				write_page(p, c == 'c' ? STORM + pass : REWRITE);
+			puts_(c == 'c' ? "COW\n" : "REWRITTEN\n");
 		}
 		for (unsigned p = FIRST; p < end; p++) {
 			if (p % HOT == 0 && kind(p) != ZERO)
-				write_page(p, gen[p] >= (1u << 20) ? gen[p] + 1
-								    : pass);
+				write_page(p, (gen[p] & STORM) ? gen[p] + 1
+							       : pass);
 			check_page(p);
 		}
 		puts_("PASS ");
