@@ -8,8 +8,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sptest import (BIN, LIB, TESTBIN, Env, Proc, Skip, check,  # noqa: E402
-                    converge, run_tests, sanitizer_build, shared, twins,
+from sptest import (BIN, LIB, MEMFILL, TESTBIN, Env, Proc, Skip,  # noqa: E402
+                    check, converge, run_tests, sanitizer_build, shared, twins,
                     wait_for)
 
 SAMEPAGE = os.path.join(BIN, "samepage")
@@ -136,6 +136,46 @@ def test_no_daemon_one_line():
     check(len(lines) == 1, f"want one line, got {lines}")
     check("samepaged" in lines[0] and "/nonexistent" in lines[0],
           f"line does not name cause and fix: {lines[0]}")
+
+
+def test_userfaultfd_refused_one_line():
+    """A user who may not use /dev/userfaultfd (not root, no ACL, and
+    vm.unprivileged_userfaultfd=0), with a daemon of their own: one line
+    names the cause and the fix, and the program runs, unmerged."""
+    if os.geteuid() != 0:
+        raise Skip("needs root, to run the program as nobody")
+    if os.stat("/dev/userfaultfd").st_mode & 0o006:
+        raise Skip("/dev/userfaultfd is open to every user here")
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+        if f.read().strip() != "0":
+            raise Skip("vm.unprivileged_userfaultfd is 1 here")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    d = tempfile.mkdtemp(prefix="sptest-")
+    os.chmod(d, 0o755)
+    os.chown(d, 65534, 65534)
+    sock = os.path.join(d, "samepaged.sock")
+    daemon = subprocess.Popen(nobody + [os.path.join(BIN, "samepaged"),
+                                        "-f", "-s", sock],
+                              stderr=subprocess.DEVNULL)
+    try:
+        check(wait_for(lambda: os.path.exists(sock), 5), "no daemon")
+        p = Proc(env={"SAMEPAGE_SOCKET": sock}, direct=True,
+                 prog=nobody + [os.path.join(BIN, "samepage"), "run", "--",
+                                MEMFILL])
+        p.map(100)
+        p.ok("fill 1 0 100")
+        p.ok("merge")
+        p.ok("check 1 0 100")
+        check(p.quit() == 0, "program failed")
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        check(len(lines) == 1, f"want one line, got {lines}")
+        check("/dev/userfaultfd" in lines[0] and "merging is off" in lines[0]
+              and "setfacl" in lines[0],
+              f"line does not name cause and fix: {lines[0]}")
+    finally:
+        daemon.kill()
+        daemon.wait()
+        subprocess.run(["rm", "-rf", d], check=False)
 
 
 def test_unpreloadable_programs_say_so():
@@ -271,6 +311,7 @@ if __name__ == "__main__":
         test_autostart_and_idle_exit,
         test_default_socket_for_root,
         test_no_daemon_one_line,
+        test_userfaultfd_refused_one_line,
         test_unpreloadable_programs_say_so,
         test_merge_all,
         test_estimate,
