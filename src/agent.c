@@ -269,6 +269,7 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 				  m->items[i].npages,
 				  (unsigned long long)(a->pool_bytes / SP_PAGE));
 		}
+	agent_merge_again(a, m->items, out.r, m->merge->nitems);
 	agent_release_scratch(a);
 	out.d.figs = a->figs;
 	out.d.batch = m->merge->batch;

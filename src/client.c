@@ -164,6 +164,7 @@ void client_apply(struct daemon *d, struct client *c, const struct sp_item *it,
 				    PS_WAIT_PASSES << PS_WAIT_SHIFT;
 		if (!merged)
 			continue;
+		st->flags &= ~(uint32_t)PS_WRITTEN;
 		client_release(c, &d->pool, st);
 		if (it->kind == SP_ITEM_ZERO) {
 			st->slot = ST_ZERO;

@@ -34,12 +34,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "sp.h"
@@ -965,6 +969,266 @@ static int merge_wp(struct sp_agent *a, const struct sp_item *it,
 	if (uffd_unregister(a->uffd, it->addr, len) < 0)
 		log_warn("unregister %#lx", (unsigned long)it->addr);
 	return 0;
+}
+
+#define AGAIN_PAGES 256	/* pages per twin at most */
+
+/*
+ * A process made only to be looked at, sharing the program's memory
+ * copy-on-write.  Fork copies for the child every anonymous page that may
+ * be pinned for I/O (folio_maybe_dma_pinned: O_DIRECT in flight, io_uring
+ * fixed buffers, VFIO) and shares every other one.  So while the child
+ * lives, a page of the program's that pagemap shows mapped exclusively
+ * may be pinned; one mapped twice is not.  Raw clone(2): no atfork
+ * handlers run, no SIGCHLD is sent (exit signal 0; reaped with __WCLONE,
+ * which the program's wait(-1) does not take), and the descriptor table
+ * is shared (CLONE_FILES), so that the child holds no file open of its
+ * own.  It waits in pause(2), every signal blocked, until SIGKILL.
+ */
+static long twin_start(void)
+{
+	long pid = syscall(SYS_clone, (unsigned long)CLONE_FILES, 0UL, NULL,
+			   NULL, 0UL);
+
+	if (pid == 0)
+		for (;;)
+			syscall(SYS_pause);
+	return pid;
+}
+
+static void twin_end(long pid)
+{
+	siginfo_t si;
+
+	syscall(SYS_kill, pid, SIGKILL);
+	while (syscall(SYS_waitid, P_PID, pid, &si, WEXITED | __WCLONE,
+		       NULL) < 0 && errno == EINTR)
+		;
+}
+
+/* Does the program keep the page at p out of its children? */
+static bool dontfork(const struct sp_agent *a, uintptr_t p)
+{
+	size_t i = rg_first(&a->regions, p);
+
+	return i < a->regions.n && a->regions.v[i].start <= p &&
+	       (a->regions.v[i].flags & RG_DONTFORK);
+}
+
+/*
+ * Fork copies the page tables of every mapping it copies, and
+ * write-protects the program's anonymous pages in them: each page the
+ * program writes afterwards takes a fault (about 15 us here, a second for
+ * 256 MiB written; 15 ms for the fork itself).  So the program's mergeable
+ * regions are kept out of the twin (MADV_DONTFORK), but for the pages it is
+ * made to look at; on: before the twin, !on: after.
+ */
+static void twin_scope(struct sp_agent *a, bool on)
+{
+	for (size_t i = 0; i < a->regions.n; i++) {
+		const struct sp_region *r = &a->regions.v[i];
+
+		if (!(r->flags & RG_DONTFORK))	/* (those are out already) */
+			sys_madvise((void *)r->start, r->end - r->start,
+				    on ? MADV_DONTFORK : MADV_DOFORK);
+	}
+}
+
+/*
+ * Is the page at p in a private, read-write mapping of the pool file?
+ * (PROCMAP_QUERY, Linux 6.11.)  Other pages MOVE refuses (a locked page
+ * in an unlocked item, say) are left alone: replacing those would lose
+ * what the program set on them.
+ */
+static bool in_pool_mapping(struct sp_agent *a, uintptr_t p)
+{
+	struct sp_vma v;
+	struct stat st;
+
+	return a->mapsfd >= 0 && sp_vma_query(a->mapsfd, p, &v) == 0 &&
+	       v.file && !v.shared && v.prot == (PROT_READ | PROT_WRITE) &&
+	       fstat(a->poolfd, &st) == 0 && v.inode == st.st_ino;
+}
+
+/* Present, a private copy (not the pool's page), write-protected by us. */
+static bool cow_copy(uint64_t pm)
+{
+	return (pm & (PM_PRESENT | PM_FILE | PM_UFFD_WP)) ==
+	       (PM_PRESENT | PM_UFFD_WP);
+}
+
+/*
+ * Pages the program wrote after they were merged hold private copies,
+ * left in the mapping of the pool file, where UFFDIO_MOVE cannot take
+ * them: they could never merge again, even when their bytes come to
+ * equal another page's again.  Here such pages (pg[0..n), one each, in
+ * read-write mappings) are copied into fresh anonymous mappings put in
+ * their place (mremap), as anonymize does, so that they can.  A page
+ * pinned for I/O must not be: the device would go on writing into the
+ * old page.  So the pages are write-protected first (no new pin for
+ * writing can be taken; writes wait), then a twin (above) tells which
+ * may be pinned, and only the others are replaced.  done[k]: page k is
+ * in an anonymous mapping now, its bytes unchanged; pinned[k]: it may be
+ * pinned.
+ */
+static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
+		    uint8_t *done, uint8_t *pinned)
+{
+	uint8_t reg[AGAIN_PAGES] = { 0 }, cand[AGAIN_PAGES];
+	uint8_t fork_too[AGAIN_PAGES];
+	size_t k, nc = 0;
+	uint64_t pm;
+	long pid, t[AGAIN_PAGES];
+
+	SP_ASSERT(n <= AGAIN_PAGES);
+	memset(cand, 0, n);
+	for (k = 0; k < n; k++) {
+		if (run_prot(a, pg[k], SP_PAGE) != (PROT_READ | PROT_WRITE) ||
+		    !budget_allows(a, 2) ||
+		    uffd_register(a->uffd, pg[k], SP_PAGE,
+				  UFFDIO_REGISTER_MODE_WP) < 0)
+			continue;
+		reg[k] = 1;
+		if (uffd_writeprotect(a->uffd, pg[k], SP_PAGE) == 0 &&
+		    sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
+		    cow_copy(pm))
+			cand[k] = 1, nc++;
+	}
+	if (nc)
+		twin_scope(a, true);
+	/* only these pages go to the twin; one of a MADV_DONTFORK range
+	 * (QEMU's guest RAM) would be left out, and look pinned */
+	for (k = 0; k < n; k++)
+		fork_too[k] = cand[k] && sys_madvise((void *)pg[k], SP_PAGE,
+						     MADV_DOFORK) == 0;
+	pid = nc && !agent_fault("notwin") ? twin_start() : -1;
+	for (k = 0; k < n; k++) {
+		if (!cand[k])
+			continue;
+		cand[k] = pid > 0 &&
+			  sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
+			  cow_copy(pm) &&
+			  (!(pm & PM_EXCL) || agent_fault("nopincheck"));
+		if (pid > 0 && !cand[k]) {
+			pinned[k] = 1;
+			a->figs.pinned_skipped++;
+		}
+	}
+	if (pid > 0)
+		twin_end(pid);
+	if (nc)
+		twin_scope(a, false);
+	for (k = 0; k < n; k++)
+		if (fork_too[k] && dontfork(a, pg[k]))
+			reapply_flags(a, pg[k], SP_PAGE);
+	for (k = 0; k < n; k++) {	/* the copies */
+		struct iovec lio, rio;
+
+		t[k] = -1;
+		if (!cand[k])
+			continue;
+		t[k] = syscall(SYS_mmap, 0, SP_PAGE, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (t[k] == -1)
+			continue;
+		lio.iov_base = (void *)t[k];
+		rio.iov_base = (void *)pg[k];
+		lio.iov_len = rio.iov_len = SP_PAGE;
+		/* (the copy is the write fault that populates it) */
+		if (syscall(SYS_process_vm_readv, a->pid, &lio, 1, &rio, 1,
+			    0) != (long)SP_PAGE) {
+			syscall(SYS_munmap, t[k], SP_PAGE);
+			t[k] = -1;
+		}
+	}
+	if (nc && agent_fault("slowagain"))
+		usleep(100000);	/* widen the window for tests */
+	for (k = 0; k < n; k++) {	/* each in its page's place */
+		if (t[k] == -1)
+			continue;
+		/* still the protected copy: not a hole, nor a fresh mapping
+		 * of the program's put there by a raw mmap */
+		if (sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
+		    cow_copy(pm) &&
+		    syscall(SYS_mremap, t[k], SP_PAGE, SP_PAGE,
+			    MREMAP_MAYMOVE | MREMAP_FIXED, pg[k]) == (long)pg[k]) {
+			a->figs.mappings += 2;
+			reapply_flags(a, pg[k], SP_PAGE);
+			done[k] = 1;
+		} else
+			syscall(SYS_munmap, t[k], SP_PAGE);
+	}
+	for (k = 0; k < n; k++) {
+		if (!reg[k])
+			continue;
+		uffd_wake(a->uffd, pg[k], SP_PAGE);
+		if (!done[k])	/* (a replaced page is registered no more) */
+			uffd_unregister(a->uffd, pg[k], SP_PAGE);
+	}
+}
+
+/* reclaim, then merge at once, n pages of a batch: page k is page at[k]
+ * of item from[k]. */
+static void again(struct sp_agent *a, const struct sp_item *items,
+		  struct sp_item_result *res, const uintptr_t *pg,
+		  const uint32_t *from, const uint32_t *at, size_t n)
+{
+	uint8_t done[AGAIN_PAGES] = { 0 }, pinned[AGAIN_PAGES] = { 0 };
+
+	reclaim(a, pg, n, done, pinned);
+	for (size_t k = 0; k < n; k++) {
+		struct sp_item sub = items[from[k]];
+		struct sp_item_result sr, *r = &res[from[k]];
+
+		if (pinned[k])
+			sp_bit_set(r->pinned, at[k]);
+		if (!done[k])
+			continue;
+		r->immovable[at[k] / 64] &= ~(1ULL << (at[k] % 64));
+		sub.addr += at[k] * SP_PAGE;
+		sub.pgoff += sub.kind == SP_ITEM_POOL ? at[k] : 0;
+		sub.npages = 1;
+		if (agent_merge_item(a, &sub, &sr) == 0 && sp_bit(sr.merged, 0))
+			sp_bit_set(r->merged, at[k]);
+	}
+}
+
+/*
+ * After a batch: its pages refused as immovable that hold private copies
+ * in pool mappings are made anonymous again (reclaim) and merged at once,
+ * with one twin for up to AGAIN_PAGES of them.
+ */
+void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
+		       struct sp_item_result *res, size_t nitems)
+{
+	uintptr_t pg[AGAIN_PAGES];
+	uint32_t from[AGAIN_PAGES], at[AGAIN_PAGES];
+	size_t n = 0;
+	uint64_t pm;
+
+	if (a->safety != SP_SAFETY_MOVE || !a->shmem_wp ||
+	    agent_fault("noreclaim"))
+		return;
+	for (size_t i = 0; i <= nitems; i++) {
+		for (uint32_t j = 0; i < nitems && j < items[i].npages; j++) {
+			if (!sp_bit(res[i].immovable, j) ||
+			    sp_pagemap_read(a->pagemap,
+					    items[i].addr + j * SP_PAGE, 1,
+					    &pm) < 0 ||
+			    (pm & (PM_PRESENT | PM_FILE)) != PM_PRESENT ||
+			    !in_pool_mapping(a, items[i].addr + j * SP_PAGE))
+				continue;
+			pg[n] = items[i].addr + j * SP_PAGE;
+			from[n] = (uint32_t)i;
+			at[n++] = j;
+			if (n == AGAIN_PAGES) {
+				again(a, items, res, pg, from, at, n);
+				n = 0;
+			}
+		}
+		if (i == nitems && n)
+			again(a, items, res, pg, from, at, n);
+	}
 }
 
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,

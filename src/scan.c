@@ -92,6 +92,19 @@ void scan_flush(struct daemon *d, struct client *c)
 	c->ninflight++;
 }
 
+/* More than 1,000 copy-on-write breaks seen in a second: busy for 2 s. */
+static void cow_seen(struct client *c)
+{
+	uint64_t now = sp_now_ms();
+
+	if (now - c->cow_win_ms >= 1000) {
+		c->cow_win_ms = now;
+		c->cow_in_win = 0;
+	}
+	if (++c->cow_in_win > 1000)
+		c->cow_busy_until_ms = now + 2000;
+}
+
 /* Is this page worth reading?  Also notices merges that ended. */
 static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 		     uint64_t pm)
@@ -101,7 +114,7 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 	if (!(pm & PM_PRESENT)) {
 		client_release(c, &d->pool, st);	/* unmapped, dropped */
 		/* a new page next */
-		st->flags &= ~(uint32_t)PS_IMMOVABLE &
+		st->flags &= ~(uint32_t)(PS_IMMOVABLE | PS_WRITTEN) &
 			     ((1u << PS_WAIT_SHIFT) - 1);
 		return false;
 	}
@@ -113,8 +126,17 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 	}
 	if (pm & PM_FILE)
 		return false;		/* a pool page: still merged */
-	if (ST_IS_POOL(st->slot))
-		client_release(c, &d->pool, st);	/* CoW broken */
+	if (ST_IS_POOL(st->slot)) {	/* CoW broken: written after merging */
+		client_release(c, &d->pool, st);
+		st->flags |= PS_WRITTEN;
+		cow_seen(c);
+	}
+	/* To merge such a page again the agent must make it anonymous
+	 * again, with a fork that holds the program's mmap lock
+	 * (merge.c, agent_merge_again): not while the program is breaking
+	 * copy-on-write by the thousand (its writes would wait). */
+	if ((st->flags & PS_WRITTEN) && sp_now_ms() < c->cow_busy_until_ms)
+		return false;
 	if (!(pm & PM_EXCL) &&
 	    (st->slot == ST_ZERO || !PM_PFN(pm) || PM_PFN(pm) == d->zero_pfn))
 		return false;	/* the zero page, or PFNs hidden: cannot tell */

@@ -64,6 +64,7 @@ struct sp_vma {
 	uintptr_t start, end;
 	int prot;		/* PROT_READ | PROT_WRITE | PROT_EXEC */
 	bool shared, file;
+	uint64_t inode;		/* of the file mapped, if file */
 };
 int sp_vma_query(int mapsfd, uintptr_t addr, struct sp_vma *v);
 int sp_default_socket(char *buf, size_t len);
@@ -198,6 +199,8 @@ struct sp_agent {
 extern struct sp_agent sp_agent;
 
 void agent_release_scratch(struct sp_agent *a);
+void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
+		       struct sp_item_result *res, size_t nitems);
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res);
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e);
@@ -242,10 +245,12 @@ int sys_mlockall(int flags);
 #define ST_POOL(v) ((v) - 2u)
 #define NO_SLOT 0xffffffffu
 
-enum { PS_SEEN = 1, PS_INFLIGHT = 2, PS_IMMOVABLE = 4 };
+enum { PS_SEEN = 1, PS_INFLIGHT = 2, PS_IMMOVABLE = 4,
+       PS_WRITTEN = 8 };	/* written after a merge (scan.c) */
 /* flags >> PS_WAIT_SHIFT: passes a pinned page is passed over */
 #define PS_WAIT_SHIFT 8
 #define PS_WAIT_PASSES 8u
+
 
 struct pstate {		/* one per registered page: 16 bytes */
 	uint64_t hash;
@@ -274,6 +279,11 @@ struct client {
 	struct drange *r;
 	size_t nr;
 	uint64_t merging, zero, registered;
+	/* copy-on-write breaks seen by the scanner: in the second since
+	 * cow_win_ms; while cow_busy_until_ms, pages written after a merge
+	 * are not merged again (scan.c, classify) */
+	uint64_t cow_win_ms, cow_busy_until_ms;
+	uint32_t cow_in_win;
 	struct sp_figs figs;
 	struct sp_item pend[SP_BATCH_ITEMS];
 	uint32_t npend, next_batch, ninflight;

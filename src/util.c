@@ -129,6 +129,7 @@ int sp_vma_query(int mapsfd, uintptr_t addr, struct sp_vma *v)
 		  (q.vma_flags & PROCMAP_QUERY_VMA_EXECUTABLE ? PROT_EXEC : 0);
 	v->shared = (q.vma_flags & PROCMAP_QUERY_VMA_SHARED) != 0;
 	v->file = q.inode || q.dev_major || q.dev_minor;
+	v->inode = q.inode;
 	return 0;
 }
 

@@ -153,10 +153,30 @@ def stable_shared(a, b):
     return both, n - (n + HOT - 1) // HOT
 
 
+def vmas_without(g, flag):
+    """Mappings of g's guest RAM (from its first test page on) whose
+    VmFlags in smaps lack flag."""
+    lo, hi = g.hva, g.hva + g.n * PAGE
+    out, cur = [], None
+    with open(f"/proc/{g.p.pid}/smaps") as f:
+        for line in f:
+            w = line.split()
+            if w[0] == "VmFlags:":
+                if cur and flag not in w[1:]:
+                    out.append(cur)
+                cur = None
+            elif "-" in w[0] and len(w) >= 5 and ":" in w[3]:
+                s, e = (int(x, 16) for x in w[0].split("-"))
+                cur = w[0] if s < hi and e > lo else None
+    return out
+
+
 def test_two_guests_share_and_stay_intact(extra=()):
     """Two QEMU guests' identical RAM comes to share frames, their zero
-    RAM is freed, and each checks every byte through merging, a
-    copy-on-write storm of one of them and kill -9 of the daemon."""
+    RAM is freed, and each checks every byte through merging, a rewrite
+    of those pages in both with equal bytes (they merge again; QEMU's
+    MADV_DONTFORK on guest RAM stays), a copy-on-write storm of one of
+    them and kill -9 of the daemon."""
     need_qemu()
     with Env(pages_to_scan=20000, sleep_millisecs=5) as e:
         gs = []
@@ -175,6 +195,22 @@ def test_two_guests_share_and_stay_intact(extra=()):
                   f"{st['general_profit'] >> 20} MiB saved", flush=True)
             for g in gs:
                 g.passes(2)
+            # both rewrite their identical pages with new bytes, equal
+            # across guests: duplicates again, they merge again
+            for g in gs:
+                with g.cv:
+                    at = len(g.lines)
+                g.send("r")
+                g.wait_line("REWRITTEN", 120, at)
+            check(wait_for(lambda: stable_shared(a, b)[0] >= 0.95 * want,
+                           120, 0.5),
+                  f"{stable_shared(a, b)[0]} of {want} rewritten pages "
+                  "merged again")
+            for g in gs:
+                g.passes(1)
+                bad = vmas_without(g, "dc")
+                check(not bad, f"guest RAM mappings without MADV_DONTFORK "
+                      f"(QEMU's): {bad[:3]}")
             # copy-on-write storm in a: b's bytes stay, a's land
             with a.cv:
                 at = len(a.lines)

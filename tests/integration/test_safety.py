@@ -273,6 +273,82 @@ def test_pinned_never_merged():
         b.ok("check 1 0 2000")
 
 
+def test_written_pages_merge_again():
+    """Pages written after a merge, by both programs with the same bytes,
+    are duplicates again: they merge again, as under KSM.  Bytes and
+    copy-on-write hold after."""
+    n = 3000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n)
+        converge(e.d, "pages_sharing", n)
+        for p in (a, b):
+            p.ok(f"fill 5 0 {n}")
+        check(wait_for(lambda: shared(a, b) >= n, 30),
+              f"{shared(a, b)} of {n} written pages merged again")
+        for p in (a, b):
+            p.ok(f"check 5 0 {n}")
+        a.ok("write 7 99")
+        b.ok(f"check 5 0 {n}")
+        check(a.cmd("check 5 7 1") != "ok", "write to page 7 lost")
+        # the region was kept out of the agent's twin processes for a
+        # moment (MADV_DONTFORK): a child of the program's has it again
+        b.ok("forkmap 0 5")
+        check(b.ok("wait") == "0", "the child did not see its region")
+
+
+def test_merge_again_while_writing():
+    """Pages written after a merge with the same bytes are made anonymous
+    again to be merged (each batch of them held 100 ms between the copies
+    and the mremaps) while writer threads write into them: every write
+    stays (each thread's last word in a page is checked at the end)."""
+    n = 4000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="slowagain")
+        converge(e.d, "pages_sharing", n)
+        writes = lost = merged = 0
+        for _ in range(3):
+            a.ok(f"fill 1 0 {n}")     # copies of their own, same bytes
+            m0 = int(a.stats()["merged"])
+            w, lo = (int(x) for x in a.ok("hammer 2 2 keep 5000").split())
+            merged += int(a.stats()["merged"]) - m0
+            writes += w
+            lost += lo
+            a.ok(f"check 1 0 {n}")
+        check(lost == 0, f"{lost} of {writes} writes lost")
+        check(merged > 0, "no page merged again while writing")
+        b.ok(f"check 1 0 {n}")
+        print(f"  {writes} writes, {merged} pages merged again meanwhile",
+              flush=True)
+
+
+def test_pinned_written_pages_not_merged_again():
+    """A merged page pinned afterwards (io_uring fixed buffers: the pin
+    breaks copy-on-write, the bytes stay the same) is a duplicate again,
+    but is never made anonymous again to be merged: the device would go
+    on writing into the old page.  Reads into it land."""
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, 2000)
+        converge(e.d, "pages_sharing", 2000)
+        r = a.cmd("pin 0 16")
+        if r.startswith("err uring") or r.startswith("err register"):
+            raise Skip(f"io_uring unavailable: {r}")
+        check(r == "ok", r)
+        check(shared(a, b, 0, 16) == 0, "the pin did not break CoW")
+        s0 = e.d.status()["full_scans"]
+        check(wait_for(lambda: e.d.status()["full_scans"] >= s0 + 30, 20),
+              "the daemon did not scan")
+        check(shared(a, b, 0, 16) == 0, "pinned pages merged again")
+        check(int(a.stats()["pinned"]) > 0, "pinned pages not counted")
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(os.urandom(PAGE))
+            f.flush()
+            for pg in (0, 5, 15):
+                a.ok(f"uread {f.name} {pg}")
+                a.ok(f"cmpfile {f.name} {pg}")
+        a.ok("check 1 16 1984")
+        b.ok("check 1 0 2000")
+
+
 def test_fork_shared_pages_while_writing():
     """Pages shared with a child since fork are given copies and merged
     while writer threads hammer them in the parent: no write lost, and
@@ -284,7 +360,7 @@ def test_fork_shared_pages_while_writing():
         a.ok("forkmap 0")
         e.d.set(run=1)
         # most pages unwritten: they merge only by being unshared
-        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1 keep 2000")
+        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1")
         check(lost == 0, f"{lost} of {writes} writes lost")
         check(merged > n // 2, f"only {merged} of {n} pages merged in the "
               "parent while hammering")
@@ -895,6 +971,9 @@ if __name__ == "__main__":
         test_unmerge_in_place_while_writing,
         test_remote_reads_never_see_wrong_bytes,
         test_pinned_never_merged,
+        test_written_pages_merge_again,
+        test_merge_again_while_writing,
+        test_pinned_written_pages_not_merged_again,
         test_odirect_reads_while_merging,
         test_fork_shared_pages_while_writing,
         test_fork_child_and_gc,
