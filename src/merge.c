@@ -40,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -987,12 +988,20 @@ static int merge_wp(struct sp_agent *a, const struct sp_item *it,
  */
 static long twin_start(void)
 {
+	long parent = syscall(SYS_getpid);
 	long pid = syscall(SYS_clone, (unsigned long)CLONE_FILES, 0UL, NULL,
 			   NULL, 0UL);
 
-	if (pid == 0)
+	if (pid == 0) {
+		/* Never outlive the agent thread (another thread's exit or
+		 * execve kills it): the twin would hold every descriptor of
+		 * the program's open for ever. */
+		if (syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 ||
+		    syscall(SYS_getppid) != parent)
+			syscall(SYS_exit_group, 0);
 		for (;;)
 			syscall(SYS_pause);
+	}
 	return pid;
 }
 
@@ -1102,6 +1111,8 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		fork_too[k] = cand[k] && sys_madvise((void *)pg[k], SP_PAGE,
 						     MADV_DOFORK) == 0;
 	pid = nc && !agent_fault("notwin") ? twin_start() : -1;
+	if (pid > 0 && agent_fault("slowtwin"))
+		usleep(500000);	/* widen the window for tests */
 	for (k = 0; k < n; k++) {
 		if (!cand[k])
 			continue;

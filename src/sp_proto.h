@@ -94,7 +94,8 @@ struct sp_item_result {
 	uint64_t merged[SP_ITEM_WORDS];	/* bit i: page i is merged now */
 	/* bit i: page i sits in a file-backed mapping (a pool mapping
 	 * whose copy-on-write was broken, or unmerged): UFFDIO_MOVE cannot
-	 * take it, so it cannot be merged again. */
+	 * take it, and the agent could not make it anonymous again
+	 * (merge.c, agent_merge_again). */
 	uint64_t immovable[SP_ITEM_WORDS];
 	/* bit i: page i is pinned for I/O (UFFDIO_MOVE refused it twice):
 	 * worth trying again only some passes later */

@@ -321,6 +321,40 @@ def test_merge_again_while_writing():
               flush=True)
 
 
+def children_of(pid):
+    """Processes whose parent is pid."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_twin_dies_with_the_program():
+    """The agent's twin process (made to tell pinned pages, each held
+    500 ms here) does not outlive a program killed meanwhile: it would
+    hold the program's descriptors open for ever."""
+    n = 2000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="slowtwin")
+        converge(e.d, "pages_sharing", n)
+        for p in (a, b):
+            p.p.stdin.write(f"fill 5 0 {n}\n")
+            p.p.stdin.flush()
+        twin = wait_for(lambda: children_of(a.pid), 20, 0.01)
+        check(twin, "no twin seen")
+        a.p.kill()
+        a.p.wait()
+        left = wait_for(lambda: not any(os.path.exists(f"/proc/{t}")
+                                        for t in twin), 5)
+        check(left, f"twin {twin} outlived the program")
+
+
 def test_pinned_written_pages_not_merged_again():
     """A merged page pinned afterwards (io_uring fixed buffers: the pin
     breaks copy-on-write, the bytes stay the same) is a duplicate again,
@@ -973,6 +1007,7 @@ if __name__ == "__main__":
         test_pinned_never_merged,
         test_written_pages_merge_again,
         test_merge_again_while_writing,
+        test_twin_dies_with_the_program,
         test_pinned_written_pages_not_merged_again,
         test_odirect_reads_while_merging,
         test_fork_shared_pages_while_writing,
