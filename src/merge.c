@@ -1118,9 +1118,10 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 			continue;
 		cand[k] = pid > 0 &&
 			  sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
-			  cow_copy(pm) &&
-			  (!(pm & PM_EXCL) || agent_fault("nopincheck"));
-		if (pid > 0 && !cand[k]) {
+			  cow_copy(pm);
+		/* not shared with the twin: fork copied it, maybe pinned */
+		if (cand[k] && (pm & PM_EXCL) && !agent_fault("nopincheck")) {
+			cand[k] = 0;
 			pinned[k] = 1;
 			a->figs.pinned_skipped++;
 		}

@@ -122,11 +122,9 @@ def test_default_socket_for_root():
           f"root's socket is {r.stdout.strip()!r}")
 
 
-def test_no_daemon_one_line():
-    """A preloaded program with no daemon says why, once, and runs."""
-    env = {"LD_PRELOAD": os.path.join(LIB, "libsamepage_preload.so"),
-           "SAMEPAGE_SOCKET": "/nonexistent/samepaged.sock"}
-    p = Proc(env=env, direct=True)
+def runs_unmerged(p):
+    """p opts 100 pages in and runs to the end with its bytes intact,
+    saying one line on stderr; returns that line, in a list."""
     p.map(100)
     p.ok("fill 1 0 100")
     p.ok("merge")
@@ -134,6 +132,14 @@ def test_no_daemon_one_line():
     check(p.quit() == 0, "program failed")
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     check(len(lines) == 1, f"want one line, got {lines}")
+    return lines
+
+
+def test_no_daemon_one_line():
+    """A preloaded program with no daemon says why, once, and runs."""
+    env = {"LD_PRELOAD": os.path.join(LIB, "libsamepage_preload.so"),
+           "SAMEPAGE_SOCKET": "/nonexistent/samepaged.sock"}
+    lines = runs_unmerged(Proc(env=env, direct=True))
     check("samepaged" in lines[0] and "/nonexistent" in lines[0],
           f"line does not name cause and fix: {lines[0]}")
 
@@ -159,16 +165,10 @@ def test_userfaultfd_refused_one_line():
                               stderr=subprocess.DEVNULL)
     try:
         check(wait_for(lambda: os.path.exists(sock), 5), "no daemon")
-        p = Proc(env={"SAMEPAGE_SOCKET": sock}, direct=True,
-                 prog=nobody + [os.path.join(BIN, "samepage"), "run", "--",
-                                MEMFILL])
-        p.map(100)
-        p.ok("fill 1 0 100")
-        p.ok("merge")
-        p.ok("check 1 0 100")
-        check(p.quit() == 0, "program failed")
-        lines = [x for x in p.stderr.splitlines() if x.strip()]
-        check(len(lines) == 1, f"want one line, got {lines}")
+        lines = runs_unmerged(Proc(
+            env={"SAMEPAGE_SOCKET": sock}, direct=True,
+            prog=nobody + [os.path.join(BIN, "samepage"), "run", "--",
+                           MEMFILL]))
         check("/dev/userfaultfd" in lines[0] and "merging is off" in lines[0]
               and "setfacl" in lines[0],
               f"line does not name cause and fix: {lines[0]}")

@@ -245,6 +245,19 @@ def pinned_twins(e):
     return a, b
 
 
+def reads_land(a, b):
+    """Reads into a's pinned pages 0, 5 and 15 (io_uring) land there;
+    every other byte of a and b is as filled."""
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(os.urandom(PAGE))
+        f.flush()
+        for pg in (0, 5, 15):
+            a.ok(f"uread {f.name} {pg}")
+            a.ok(f"cmpfile {f.name} {pg}")
+    a.ok("check 1 16 1984")
+    b.ok("check 1 0 2000")
+
+
 def test_pinned_never_merged():
     """io_uring fixed buffers are pinned: never merged, reads land.  A
     page found pinned is tried again only every ninth pass."""
@@ -263,14 +276,7 @@ def test_pinned_never_merged():
         check(passes >= 18, f"only {passes} passes in 1.5 s")
         check(0 < tries <= passes / 9 + 2, f"pinned pages tried {tries:.1f} "
               f"times in {passes} passes")
-        with tempfile.NamedTemporaryFile() as f:
-            f.write(os.urandom(PAGE))
-            f.flush()
-            for pg in (0, 5, 15):
-                a.ok(f"uread {f.name} {pg}")
-                a.ok(f"cmpfile {f.name} {pg}")
-        a.ok("check 1 16 1984")
-        b.ok("check 1 0 2000")
+        reads_land(a, b)
 
 
 def test_written_pages_merge_again():
@@ -373,14 +379,7 @@ def test_pinned_written_pages_not_merged_again():
               "the daemon did not scan")
         check(shared(a, b, 0, 16) == 0, "pinned pages merged again")
         check(int(a.stats()["pinned"]) > 0, "pinned pages not counted")
-        with tempfile.NamedTemporaryFile() as f:
-            f.write(os.urandom(PAGE))
-            f.flush()
-            for pg in (0, 5, 15):
-                a.ok(f"uread {f.name} {pg}")
-                a.ok(f"cmpfile {f.name} {pg}")
-        a.ok("check 1 16 1984")
-        b.ok("check 1 0 2000")
+        reads_land(a, b)
 
 
 def test_fork_shared_pages_while_writing():
