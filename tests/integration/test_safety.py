@@ -393,7 +393,7 @@ def test_fork_shared_pages_while_writing():
         a.ok("forkmap 0")
         e.d.set(run=1)
         # most pages unwritten: they merge only by being unshared
-        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1")
+        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1 keep 2000")
         check(lost == 0, f"{lost} of {writes} writes lost")
         check(merged > n // 2, f"only {merged} of {n} pages merged in the "
               "parent while hammering")
