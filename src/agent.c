@@ -15,6 +15,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -235,7 +236,7 @@ void agent_lock(struct sp_agent *a)
 /* Under the lock, between items: let waiting program threads in first.
  * Scratch is emptied first, so they find the agent as between batches
  * (fork, mlockall); only MERGE_DONE waits for the end of the batch. */
-static void let_in(struct sp_agent *a)
+void agent_let_in(struct sp_agent *a)
 {
 	if (!atomic_load(&a->waiters))
 		return;
@@ -259,7 +260,7 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 
 	memset(&out, 0, sizeof(out));
 	pthread_mutex_lock(&a->lock);
-	for (i = 0; i < m->merge->nitems; i++, let_in(a))
+	for (i = 0; i < m->merge->nitems; i++, agent_let_in(a))
 		if (agent_merge_item(a, &m->items[i], &out.r[i]) == -ERANGE &&
 		    !a->warned_pool) {
 			a->warned_pool = 1;
@@ -269,6 +270,7 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 				  m->items[i].npages,
 				  (unsigned long long)(a->pool_bytes / SP_PAGE));
 		}
+	agent_release_scratch(a);	/* (out of the twin's copy too) */
 	agent_merge_again(a, m->items, out.r, m->merge->nitems);
 	agent_release_scratch(a);
 	out.d.figs = a->figs;
@@ -368,6 +370,7 @@ static int hello(struct sp_agent *a)
 {
 	static uint64_t buf[SP_MSG_MAX / 8];
 	struct sp_hello h = { .pid = getpid(), .safety = (uint32_t)a->safety };
+	struct stat st;
 	struct timeval tv = { 5, 0 };
 	struct sp_msg m;
 	ssize_t n;
@@ -395,6 +398,7 @@ static int hello(struct sp_agent *a)
 	setsockopt(a->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	sp_fd_close(&a->poolfd);
 	a->poolfd = fd;
+	a->pool_ino = fstat(fd, &st) == 0 ? (uint64_t)st.st_ino : 0;
 	a->pool_bytes = m.u.welcome->pool_bytes;
 	a->daemon_pid = m.u.welcome->daemon_pid;
 	return 0;

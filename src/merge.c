@@ -30,6 +30,9 @@
  * even that fails the process aborts rather than run on with a hole.
  * (An earlier version mapped at a temporary address and mremap'ed it
  * over the hole; mremap's TLB flush made it the costliest step.)
+ * After the batch, pages MOVE refused because the program wrote them
+ * after an earlier merge (private copies in pool mappings) are made
+ * anonymous again and merged (agent_merge_again, below).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -41,7 +44,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -60,8 +62,9 @@ static const uint64_t recount_every = 512;
 
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
- * slowunmerge, breakcow, nopfn and nomove (agent.c).  Read once; merges
- * run one at a time under the agent lock. */
+ * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
+ * nopincheck, notwin and noreclaim.  Read once; merges run one at a time
+ * under the agent lock. */
 bool agent_fault(const char *what)
 {
 	static const char *f;
@@ -1052,11 +1055,10 @@ static void twin_scope(struct sp_agent *a, bool on)
 static bool in_pool_mapping(struct sp_agent *a, uintptr_t p)
 {
 	struct sp_vma v;
-	struct stat st;
 
-	return a->mapsfd >= 0 && sp_vma_query(a->mapsfd, p, &v) == 0 &&
-	       v.file && !v.shared && v.prot == (PROT_READ | PROT_WRITE) &&
-	       fstat(a->poolfd, &st) == 0 && v.inode == st.st_ino;
+	return a->mapsfd >= 0 && a->pool_ino &&
+	       sp_vma_query(a->mapsfd, p, &v) == 0 && v.file && !v.shared &&
+	       v.prot == (PROT_READ | PROT_WRITE) && v.inode == a->pool_ino;
 }
 
 /* Present, a private copy (not the pool's page), write-protected by us. */
@@ -1098,9 +1100,11 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 				  UFFDIO_REGISTER_MODE_WP) < 0)
 			continue;
 		reg[k] = 1;
+		/* after the protection: a raw munmap and mmap since would
+		 * show, as a fresh mapping of the program's */
 		if (uffd_writeprotect(a->uffd, pg[k], SP_PAGE) == 0 &&
 		    sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
-		    cow_copy(pm))
+		    cow_copy(pm) && in_pool_mapping(a, pg[k]))
 			cand[k] = 1, nc++;
 	}
 	if (nc)
@@ -1227,8 +1231,7 @@ void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 			    sp_pagemap_read(a->pagemap,
 					    items[i].addr + j * SP_PAGE, 1,
 					    &pm) < 0 ||
-			    (pm & (PM_PRESENT | PM_FILE)) != PM_PRESENT ||
-			    !in_pool_mapping(a, items[i].addr + j * SP_PAGE))
+			    (pm & (PM_PRESENT | PM_FILE)) != PM_PRESENT)
 				continue;
 			pg[n] = items[i].addr + j * SP_PAGE;
 			from[n] = (uint32_t)i;
@@ -1236,6 +1239,7 @@ void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 			if (n == AGAIN_PAGES) {
 				again(a, items, res, pg, from, at, n);
 				n = 0;
+				agent_let_in(a);	/* as between items */
 			}
 		}
 		if (i == nitems && n)
@@ -1297,7 +1301,8 @@ static bool all_pool(struct sp_agent *a, uintptr_t p, size_t n)
 /*
  * Unmerging gives pages private copies again.  Broken in place (break_cow)
  * they would stay in a mapping of the pool file, where UFFDIO_MOVE cannot
- * take them: they could never merge again.  So a run of pool pages is
+ * take them: to merge again they would need agent_merge_again's twin,
+ * one fork per 256.  So a run of pool pages is
  * copied into a fresh anonymous mapping, and mremap(2) puts that in the
  * run's place in one step.  Meanwhile the program's writes to the run
  * wait in the kernel (userfaultfd write-protection of the pool mapping,

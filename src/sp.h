@@ -161,6 +161,7 @@ struct sp_agent {
 	int active;		/* connected and merging */
 	int sock, uffd, poolfd, pagemap, mapsfd, wakefd[2];
 	int memfd;		/* /proc/self/mem, to break CoW by writing */
+	uint64_t pool_ino;	/* the pool file's inode (0: unknown) */
 	int safety;		/* SP_SAFETY_MOVE or SP_SAFETY_WP */
 	int shmem_wp;		/* pool mappings can be write-protected */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */
@@ -199,6 +200,7 @@ struct sp_agent {
 extern struct sp_agent sp_agent;
 
 void agent_release_scratch(struct sp_agent *a);
+void agent_let_in(struct sp_agent *a);
 void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 		       struct sp_item_result *res, size_t nitems);
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,

@@ -655,6 +655,34 @@ def test_raw_remap_during_unmerge():
         check_remapped(e, a, b, spots, 150)
 
 
+def test_raw_remap_during_merge_again():
+    """The same while pages written after their merge are made anonymous
+    again to be merged (each batch held 100 ms between its copies and
+    their mremap): the fresh mapping must not get the copies moved over
+    it."""
+    n = 4000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="slowagain")
+        converge(e.d, "pages_sharing", n)
+        m0 = int(a.stats()["merged"])
+        a.ok(f"fill 1 0 {n}")       # copies of their own, same bytes
+        spots = range(0, n, 400)
+        for j, first in enumerate(spots):
+            # in the hold of the batch that holds these pages: batches go
+            # up through the region, 256 pages at most, and the agent lets
+            # the stats call in between them (the pages remapped before
+            # are not merged again)
+            check(wait_for(lambda: int(a.stats()["merged"]) - m0 >=
+                           first - 200 - 100 * j, 20),
+                  f"merging again stopped before page {first}")
+            time.sleep(0.04)
+            a.ok(f"rawremap {first} 100")
+            a.ok(f"fill 2 {first} 50")
+        check(wait_for(lambda: shared(a, b) >= n - 1000, 30),
+              f"only {shared(a, b)} pages merged again")
+        check_remapped(e, a, b, spots, 300)
+
+
 def test_kill_daemon_mid_merge():
     """kill -9 of the daemon at several points of merging: every byte
     stays, merged pages stay valid and copy-on-write, merging stops."""
@@ -1020,6 +1048,7 @@ if __name__ == "__main__":
         test_raw_munmap_during_merge,
         test_raw_remap_during_merge,
         test_raw_remap_during_unmerge,
+        test_raw_remap_during_merge_again,
         test_kill_daemon_mid_merge,
         test_kill_daemon_mid_unmerge,
         test_verify_failures_restore_pages,
