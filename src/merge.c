@@ -1184,28 +1184,41 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 }
 
 /* reclaim, then merge at once, n pages of a batch: page k is page at[k]
- * of item from[k]. */
+ * of item from[k] (in order).  Consecutive pages of one item merge as one
+ * run, as they were planned. */
 static void again(struct sp_agent *a, const struct sp_item *items,
 		  struct sp_item_result *res, const uintptr_t *pg,
 		  const uint32_t *from, const uint32_t *at, size_t n)
 {
 	uint8_t done[AGAIN_PAGES] = { 0 }, pinned[AGAIN_PAGES] = { 0 };
+	size_t k, e;
 
 	reclaim(a, pg, n, done, pinned);
-	for (size_t k = 0; k < n; k++) {
+	for (k = 0; k < n; k = e) {
 		struct sp_item sub = items[from[k]];
 		struct sp_item_result sr, *r = &res[from[k]];
 
-		if (pinned[k])
-			sp_bit_set(r->pinned, at[k]);
+		for (e = k + 1; e < n && done[e] == done[k] &&
+				from[e] == from[k] && at[e] == at[e - 1] + 1;
+		     e++)
+			;
+		for (size_t q = k; q < e; q++) {
+			if (pinned[q])
+				sp_bit_set(r->pinned, at[q]);
+			if (done[q])
+				r->immovable[at[q] / 64] &=
+					~(1ULL << (at[q] % 64));
+		}
 		if (!done[k])
 			continue;
-		r->immovable[at[k] / 64] &= ~(1ULL << (at[k] % 64));
 		sub.addr += at[k] * SP_PAGE;
 		sub.pgoff += sub.kind == SP_ITEM_POOL ? at[k] : 0;
-		sub.npages = 1;
-		if (agent_merge_item(a, &sub, &sr) == 0 && sp_bit(sr.merged, 0))
-			sp_bit_set(r->merged, at[k]);
+		sub.npages = (uint32_t)(e - k);
+		if (agent_merge_item(a, &sub, &sr) < 0)
+			continue;
+		for (size_t q = k; q < e; q++)
+			if (sp_bit(sr.merged, q - k))
+				sp_bit_set(r->merged, at[q]);
 	}
 }
 
