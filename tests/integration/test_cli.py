@@ -242,12 +242,13 @@ def test_estimate():
         st = est()
         d = {k: st[k] - base[k] for k in ("pages_scanned", "pages_shared",
                                           "pages_sharing", "ksm_zero_pages")}
-        # The programs' own few pages (stdio, heap) may move too.
+        # The programs' own few pages (stdio, heap) may move too, either
+        # way: a zero page of theirs written since base counts one less.
         if not sanitizer_build():
-            check(2500 <= d["pages_scanned"] <= 2520 and
-                  1000 <= d["pages_shared"] <= 1005 and
-                  1000 <= d["pages_sharing"] <= 1005 and
-                  500 <= d["ksm_zero_pages"] <= 505, f"estimate moved by {d}")
+            check(2495 <= d["pages_scanned"] <= 2520 and
+                  995 <= d["pages_shared"] <= 1005 and
+                  995 <= d["pages_sharing"] <= 1005 and
+                  495 <= d["ksm_zero_pages"] <= 505, f"estimate moved by {d}")
         else:
             # A sanitizer's shadow is anonymous memory too, and the two
             # programs' shadows change alike, and sometimes back: only
