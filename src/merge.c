@@ -1202,10 +1202,12 @@ static void again(struct sp_agent *a, const struct sp_item *items,
 				from[e] == from[k] && at[e] == at[e - 1] + 1;
 		     e++)
 			;
+		/* a page that may be pinned is tried again after the
+		 * daemon's wait for pinned pages, as one MOVE refused */
 		for (size_t q = k; q < e; q++) {
 			if (pinned[q])
 				sp_bit_set(r->pinned, at[q]);
-			if (done[q])
+			if (done[q] || pinned[q])
 				r->immovable[at[q] / 64] &=
 					~(1ULL << (at[q] % 64));
 		}

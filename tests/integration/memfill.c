@@ -62,6 +62,7 @@
  *                         writes them, pinned), check each and restore
  *                         it (pattern 1); "ok READS BAD"
  *   pin FIRST N           register pages as io_uring fixed buffers
+ *   unpin                 unregister them (the pins are dropped)
  *   uread FILE FIRST      IORING_OP_READ_FIXED from FILE into page FIRST
  *                         of the pinned range, at the address it was
  *                         registered with (mremap does not change it)
@@ -445,6 +446,16 @@ static void cmd_pin(size_t first, size_t n)
 	free(iov);
 	if (r < 0)
 		printf("err register %d\n", r);
+	else
+		printf("ok\n");
+}
+
+static void cmd_unpin(void)
+{
+	int r = ring_up ? io_uring_unregister_buffers(&ring) : -EBADF;
+
+	if (r < 0)
+		printf("err unregister %d\n", r);
 	else
 		printf("ok\n");
 }
@@ -885,6 +896,8 @@ int main(int argc, char **argv)
 				    k == 5 ? (unsigned)v : 0);
 		} else if (sscanf(line, "pin %lu %lu", &x, &y) == 2) {
 			cmd_pin(x, y);
+		} else if (!strncmp(line, "unpin", 5)) {
+			cmd_unpin();
 		} else if (sscanf(line, "mkfile %255s", a1) == 1) {
 			cmd_mkfile(a1);
 		} else if (sscanf(line, "direct %lu %lu %255s", &x, &y, a1) ==

@@ -365,7 +365,8 @@ def test_pinned_written_pages_not_merged_again():
     """A merged page pinned afterwards (io_uring fixed buffers: the pin
     breaks copy-on-write, the bytes stay the same) is a duplicate again,
     but is never made anonymous again to be merged: the device would go
-    on writing into the old page.  Reads into it land."""
+    on writing into the old page.  Reads into it land.  Once the pins are
+    dropped the pages are tried again, and merge."""
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
         a, b = twins(e, 2000)
         converge(e.d, "pages_sharing", 2000)
@@ -380,6 +381,13 @@ def test_pinned_written_pages_not_merged_again():
         check(shared(a, b, 0, 16) == 0, "pinned pages merged again")
         check(int(a.stats()["pinned"]) > 0, "pinned pages not counted")
         reads_land(a, b)
+        # once the pins are gone they are tried again, and merge
+        for pg in (0, 5, 15):
+            a.ok(f"fill 1 {pg} 1")
+        a.ok("unpin")
+        check(wait_for(lambda: shared(a, b, 0, 16) == 16, 20),
+              f"{shared(a, b, 0, 16)} of 16 pages merged once unpinned")
+        a.ok("check 1 0 2000")
 
 
 def test_fork_shared_pages_while_writing():
