@@ -162,6 +162,7 @@ struct sp_agent {
 	int sock, uffd, poolfd, pagemap, mapsfd, wakefd[2];
 	int memfd;		/* /proc/self/mem, to break CoW by writing */
 	uint64_t pool_ino;	/* the pool file's inode (0: unknown) */
+	uint64_t twin_after_ms;	/* no twin before (merge.c) */
 	int safety;		/* SP_SAFETY_MOVE or SP_SAFETY_WP */
 	int shmem_wp;		/* pool mappings can be write-protected */
 	int merge_any;		/* prctl(PR_SET_MEMORY_MERGE) or --all */

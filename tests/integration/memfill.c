@@ -79,6 +79,9 @@
  *   wait                  wait for the forked child: "ok STATUS"
  *   cmpfile FILE P        page P equals the first page of FILE
  *   mmapmany N            N more small mappings of the program's own
+ *   heap N                N written pages of the program's own, not
+ *                         opted in, from sbrk (as malloc's main arena)
+ *   heapwrite             write one byte in each; "ok MICROSECONDS"
  *   mlockall FLAGS        mlockall(2), FLAGS as a number (3: MCL_CURRENT
  *                         | MCL_FUTURE); munlockall: munlockall(2)
  *   unshare               unshare(CLONE_NEWUSER), which the kernel
@@ -601,6 +604,32 @@ static void cmd_mmapmany(unsigned long n)
 	printf("ok\n");
 }
 
+static uint8_t *heap;
+static size_t heap_pages;
+
+static void cmd_heap(size_t n)
+{
+	/* the break, as malloc's main arena grows: no mmap an agent sees */
+	heap = sbrk((intptr_t)(n * PG));
+	if (heap == (void *)-1) {
+		heap = NULL;
+		printf("err sbrk\n");
+		return;
+	}
+	heap_pages = n;
+	memset(heap, 7, n * PG);
+	printf("ok\n");
+}
+
+static void cmd_heapwrite(void)
+{
+	double t0 = now();
+
+	for (size_t i = 0; i < heap_pages; i++)
+		((volatile uint8_t *)heap)[i * PG]++;
+	printf("ok %.0f\n", (now() - t0) * 1e6);
+}
+
 static int cmp_dbl(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
@@ -913,6 +942,10 @@ int main(int argc, char **argv)
 			cmd_wait();
 		} else if (sscanf(line, "cmpfile %255s %lu", a1, &x) == 2) {
 			cmd_cmpfile(a1, x);
+		} else if (sscanf(line, "heap %lu", &x) == 1) {
+			cmd_heap(x);
+		} else if (!strncmp(line, "heapwrite", 9)) {
+			cmd_heapwrite();
 		} else if (sscanf(line, "mmapmany %lu", &x) == 1) {
 			cmd_mmapmany(x);
 		} else if (!strncmp(line, "unshare", 7)) {
