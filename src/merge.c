@@ -1105,11 +1105,14 @@ static bool cow_copy(uint64_t pm)
  * old page.  So the pages are write-protected first (no new pin for
  * writing can be taken; writes wait), then a twin (above) tells which
  * may be pinned, and only the others are replaced.  done[k]: page k is
- * in an anonymous mapping now, its bytes unchanged; pinned[k]: it may be
- * pinned.
+ * in an anonymous mapping now, its bytes unchanged; later[k]: it may be
+ * pinned, or a step failed that may not fail next time (the mapping
+ * budget, a twin or a copy that could not be made): worth trying again
+ * after the daemon's wait.  Neither: not a private copy in a read-write
+ * pool mapping (any more); left alone.
  */
 static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
-		    uint8_t *done, uint8_t *pinned)
+		    uint8_t *done, uint8_t *later)
 {
 	uint8_t reg[AGAIN_PAGES] = { 0 }, cand[AGAIN_PAGES];
 	uint8_t fork_too[AGAIN_PAGES];
@@ -1120,11 +1123,14 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 	SP_ASSERT(n <= AGAIN_PAGES);
 	memset(cand, 0, n);
 	for (k = 0; k < n; k++) {
-		if (run_prot(a, pg[k], SP_PAGE) != (PROT_READ | PROT_WRITE) ||
-		    !budget_allows(a, 2) ||
-		    uffd_register(a->uffd, pg[k], SP_PAGE,
-				  UFFDIO_REGISTER_MODE_WP) < 0)
+		if (run_prot(a, pg[k], SP_PAGE) != (PROT_READ | PROT_WRITE))
 			continue;
+		if (!budget_allows(a, 2) ||
+		    uffd_register(a->uffd, pg[k], SP_PAGE,
+				  UFFDIO_REGISTER_MODE_WP) < 0) {
+			later[k] = 1;
+			continue;
+		}
 		reg[k] = 1;
 		/* after the protection: a raw munmap and mmap since would
 		 * show, as a fresh mapping of the program's */
@@ -1146,13 +1152,17 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 	for (k = 0; k < n; k++) {
 		if (!cand[k])
 			continue;
-		cand[k] = pid > 0 &&
-			  sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
+		if (pid <= 0) {		/* no twin: no way to tell */
+			cand[k] = 0;
+			later[k] = 1;
+			continue;
+		}
+		cand[k] = sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
 			  cow_copy(pm);
 		/* not shared with the twin: fork copied it, maybe pinned */
 		if (cand[k] && (pm & PM_EXCL) && !agent_fault("nopincheck")) {
 			cand[k] = 0;
-			pinned[k] = 1;
+			later[k] = 1;
 			a->figs.pinned_skipped++;
 		}
 	}
@@ -1184,8 +1194,10 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 			continue;
 		t[k] = syscall(SYS_mmap, 0, SP_PAGE, PROT_READ | PROT_WRITE,
 			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (t[k] == -1)
+		if (t[k] == -1) {
+			later[k] = 1;
 			continue;
+		}
 		lio.iov_base = (void *)t[k];
 		rio.iov_base = (void *)pg[k];
 		lio.iov_len = rio.iov_len = SP_PAGE;
@@ -1194,6 +1206,7 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 			    0) != (long)SP_PAGE) {
 			syscall(SYS_munmap, t[k], SP_PAGE);
 			t[k] = -1;
+			later[k] = 1;
 		}
 	}
 	if (nc && agent_fault("slowagain"))
@@ -1203,15 +1216,19 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 			continue;
 		/* still the protected copy: not a hole, nor a fresh mapping
 		 * of the program's put there by a raw mmap */
-		if (sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
-		    cow_copy(pm) &&
-		    syscall(SYS_mremap, t[k], SP_PAGE, SP_PAGE,
-			    MREMAP_MAYMOVE | MREMAP_FIXED, pg[k]) == (long)pg[k]) {
+		if (sp_pagemap_read(a->pagemap, pg[k], 1, &pm) < 0 ||
+		    !cow_copy(pm))
+			syscall(SYS_munmap, t[k], SP_PAGE);
+		else if (syscall(SYS_mremap, t[k], SP_PAGE, SP_PAGE,
+				 MREMAP_MAYMOVE | MREMAP_FIXED,
+				 pg[k]) == (long)pg[k]) {
 			a->figs.mappings += 2;
 			reapply_flags(a, pg[k], SP_PAGE);
 			done[k] = 1;
-		} else
+		} else {	/* (ENOMEM: the kernel's own mapping limit) */
 			syscall(SYS_munmap, t[k], SP_PAGE);
+			later[k] = 1;
+		}
 	}
 	for (k = 0; k < n; k++) {
 		if (!reg[k])
@@ -1230,13 +1247,13 @@ static void again(struct sp_agent *a, const struct sp_item *items,
 		  struct sp_item_result *res, const uintptr_t *pg,
 		  const uint32_t *from, const uint32_t *at, size_t n)
 {
-	uint8_t done[AGAIN_PAGES] = { 0 }, pinned[AGAIN_PAGES] = { 0 };
+	uint8_t done[AGAIN_PAGES] = { 0 }, later[AGAIN_PAGES] = { 0 };
 	size_t k, e;
 
 	if (sp_now_ms() < a->twin_after_ms)
-		memset(pinned, 1, n);
+		memset(later, 1, n);
 	else
-		reclaim(a, pg, n, done, pinned);
+		reclaim(a, pg, n, done, later);
 	for (k = 0; k < n; k = e) {
 		struct sp_item sub = items[from[k]];
 		struct sp_item_result sr, *r = &res[from[k]];
@@ -1245,12 +1262,12 @@ static void again(struct sp_agent *a, const struct sp_item *items,
 				from[e] == from[k] && at[e] == at[e - 1] + 1;
 		     e++)
 			;
-		/* a page that may be pinned is tried again after the
-		 * daemon's wait for pinned pages, as one MOVE refused */
+		/* tried again after the daemon's wait for pinned pages,
+		 * as a page MOVE refused as pinned */
 		for (size_t q = k; q < e; q++) {
-			if (pinned[q])
+			if (later[q])
 				sp_bit_set(r->pinned, at[q]);
-			if (done[q] || pinned[q])
+			if (done[q] || later[q])
 				r->immovable[at[q] / 64] &=
 					~(1ULL << (at[q] % 64));
 		}

@@ -254,7 +254,6 @@ enum { PS_SEEN = 1, PS_INFLIGHT = 2, PS_IMMOVABLE = 4,
 #define PS_WAIT_SHIFT 8
 #define PS_WAIT_PASSES 8u
 
-
 struct pstate {		/* one per registered page: 16 bytes */
 	uint64_t hash;
 	uint32_t slot;

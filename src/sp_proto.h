@@ -97,8 +97,9 @@ struct sp_item_result {
 	 * take it, and the agent could not make it anonymous again
 	 * (merge.c, agent_merge_again). */
 	uint64_t immovable[SP_ITEM_WORDS];
-	/* bit i: page i is pinned for I/O (UFFDIO_MOVE refused it twice):
-	 * worth trying again only some passes later */
+	/* bit i: page i is pinned for I/O (UFFDIO_MOVE refused it twice),
+	 * may be (merge.c, agent_merge_again), or was held back for a
+	 * reason that may pass: worth trying again only some passes later */
 	uint64_t pinned[SP_ITEM_WORDS];
 };
 

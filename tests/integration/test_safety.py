@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Rule zero: a program under samepage reads and writes exactly what it
 would without it.  Each test here tries hard to make a write get lost."""
+import contextlib
 import os
 import select
 import signal
@@ -858,15 +859,25 @@ def test_client_death_releases():
               "pool not freed after both left")
 
 
-def test_map_budget():
-    """With vm.max_map_count lowered, merges stop at the budget, count
-    refusals, and the program can still map memory of its own."""
+@contextlib.contextmanager
+def max_map_count(value):
+    """vm.max_map_count set to value for the block, then put back."""
     path = "/proc/sys/vm/max_map_count"
     with open(path) as f:
         old = f.read().strip()
     try:
         with open(path, "w") as f:
-            f.write("2000")
+            f.write(str(value))
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def test_map_budget():
+    """With vm.max_map_count lowered, merges stop at the budget, count
+    refusals, and the program can still map memory of its own."""
+    with max_map_count(2000):
         with Env() as e:
             a, b = e.proc(), e.proc()
             for p, own in ((a, 2), (b, 3)):
@@ -887,9 +898,39 @@ def test_map_budget():
                 for pg in range(0, 8000, 2):
                     p.ok(f"check 1 {pg} 1")
                     p.ok(f"check {own} {pg + 1} 1")
-    finally:
-        with open(path, "w") as f:
-            f.write(old)
+
+
+def test_written_pages_merge_again_once_under_budget():
+    """Pages written after a merge that could not be made anonymous again
+    for want of mappings (each one alone costs two) merge again once the
+    program has given mappings back, as a page MOVE could not take for
+    the same reason would."""
+    n = 2000
+    with max_map_count(2000), Env(pages_to_scan=4000,
+                                  sleep_millisecs=1) as e:
+        a, b = twins(e, n)
+        converge(e.d, "pages_sharing", n)
+        for p in (a, b):            # every other page alone: 1000 of them
+            for pg in range(1, n, 2):
+                p.ok(f"fill 5 {pg} 1")
+        check(wait_for(lambda: all(int(p.stats()["refused"]) > 0
+                                   for p in (a, b)), 30),
+              "the mapping budget refused nothing")
+        time.sleep(1)
+        upper = range(n // 2 + 1, n, 2)
+        behind = sum(1 for pg in upper if shared(a, b, pg, 1) == 0)
+        check(behind > 0, "the budget held nothing back")
+        for p in (a, b):            # give back about a thousand mappings
+            p.ok(f"munmap 0 {n // 2}")
+        check(wait_for(lambda: shared(a, b, n // 2, n // 2) == n // 2, 30),
+              f"{n // 2 - shared(a, b, n // 2, n // 2)} of {n // 2} pages "
+              f"still not shared ({behind} held back by the budget)")
+        for p in (a, b):
+            for pg in range(n // 2, n, 2):
+                p.ok(f"check 1 {pg} 1")
+                p.ok(f"check 5 {pg + 1} 1")
+        print(f"  {behind} of {len(upper)} written pages held back by the "
+              "budget, all merged again after", flush=True)
 
 
 def proc_status(pid, key):
@@ -1064,6 +1105,7 @@ if __name__ == "__main__":
         test_dontneed_keeps_unmerged_mappings,
         test_client_death_releases,
         test_map_budget,
+        test_written_pages_merge_again_once_under_budget,
         test_mlockall_while_merged,
         test_pool_view_not_dumped,
         test_locked_memory_merges,
