@@ -1294,19 +1294,25 @@ void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 {
 	uintptr_t pg[AGAIN_PAGES];
 	uint32_t from[AGAIN_PAGES], at[AGAIN_PAGES];
+	uint64_t pm[SP_ITEM_PAGES];
 	size_t n = 0;
-	uint64_t pm;
 
 	if (a->safety != SP_SAFETY_MOVE || !a->shmem_wp ||
 	    agent_fault("noreclaim"))
 		return;
-	for (size_t i = 0; i <= nitems; i++) {
-		for (uint32_t j = 0; i < nitems && j < items[i].npages; j++) {
+	for (size_t i = 0; i < nitems; i++) {
+		bool any = false;
+
+		for (uint32_t w = 0; w < SP_ITEM_WORDS; w++)
+			any |= res[i].immovable[w] != 0;
+		/* one read for the item: reclaim checks each page again
+		 * once it is write-protected */
+		if (!any || sp_pagemap_read(a->pagemap, items[i].addr,
+					    items[i].npages, pm) < 0)
+			continue;
+		for (uint32_t j = 0; j < items[i].npages; j++) {
 			if (!sp_bit(res[i].immovable, j) ||
-			    sp_pagemap_read(a->pagemap,
-					    items[i].addr + j * SP_PAGE, 1,
-					    &pm) < 0 ||
-			    (pm & (PM_PRESENT | PM_FILE)) != PM_PRESENT)
+			    (pm[j] & (PM_PRESENT | PM_FILE)) != PM_PRESENT)
 				continue;
 			pg[n] = items[i].addr + j * SP_PAGE;
 			from[n] = (uint32_t)i;
@@ -1317,9 +1323,9 @@ void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 				agent_let_in(a);	/* as between items */
 			}
 		}
-		if (i == nitems && n)
-			again(a, items, res, pg, from, at, n);
 	}
+	if (n)
+		again(a, items, res, pg, from, at, n);
 }
 
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
