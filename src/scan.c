@@ -14,6 +14,8 @@
  * new pool slot, and both are planned onto it, unless they are one frame
  * shared after fork.  Plans for consecutive
  * pages with consecutive slots become one item: one mapping in the client.
+ * A run of pages of one content goes onto a block of copies of its page
+ * (pool.c), so that it too is one mapping per block.
  * The agent compares again before anything is replaced.
  */
 #include <errno.h>
@@ -37,6 +39,33 @@ static const uint64_t busy_skip_ms = 1000;
 /* Least time between two garbage collections of the pool. */
 static const uint64_t gc_interval_ms = 1000;
 
+/*
+ * The slot to map the page at addr onto, for content at index slot i.
+ * Without a block that is i.  A run of pages of one content goes onto
+ * consecutive copies of its block (pool.c, pool_block), which the run
+ * makes longer as the content's references pay for it, and from its
+ * start again at the block's end: one mapping per block, not per page.
+ */
+static uint32_t target_slot(struct daemon *d, struct client *c,
+			    uint64_t addr, uint32_t i)
+{
+	bool cont = c->run_addr && addr == c->run_addr + SP_PAGE &&
+		    i == c->run_slot;
+	uint32_t blk, len = pool_block(&d->pool, i, &blk);
+
+	if (cont && len && c->run_blk == blk && c->run_off + 1 < len) {
+		c->run_off++;
+	} else {
+		if (cont)
+			len = pool_grow_block(&d->pool, i, &blk);
+		c->run_off = 0;
+	}
+	c->run_addr = addr;
+	c->run_slot = i;
+	c->run_blk = len ? blk : NO_SLOT;
+	return len ? blk + c->run_off : i;
+}
+
 static void plan(struct daemon *d, struct client *c, struct pstate *st,
 		 uint64_t addr, uint32_t kind, uint32_t slot)
 {
@@ -44,6 +73,7 @@ static void plan(struct daemon *d, struct client *c, struct pstate *st,
 
 	st->flags |= PS_INFLIGHT;
 	if (kind == SP_ITEM_POOL) {
+		slot = target_slot(d, c, addr, slot);
 		d->pool.s[slot].lease++;
 		d->pool.leased++;
 	}

@@ -290,16 +290,26 @@ struct client {
 	struct sp_item pend[SP_BATCH_ITEMS];
 	uint32_t npend, next_batch, ninflight;
 	uint64_t resume;	/* where the scan left it when it was busy */
+	/* the last page planned onto the pool: its address, the slot of
+	 * its content in the index, and the block and offset it went to
+	 * (scan.c, target_slot) */
+	uint64_t run_addr;
+	uint32_t run_slot, run_blk, run_off;
 	uint64_t busy_since;	/* ms: first found with no batch free */
 	struct batch *inflight;
 	bool unmerge_pending;
 	struct client *next;
 };
 
-struct slot {
+struct slot {			/* 32 bytes */
 	uint64_t hash;
 	uint32_t refs, lease, next;
-	uint32_t used;
+	/* On a slot in the content index: its block of copies, blen slots
+	 * from blk (blen 0: none; pool.c, pool_block). */
+	uint32_t blk;
+	uint8_t blen;
+	uint8_t used;
+	uint8_t copy;	/* a copy in a block: not in the content index */
 };
 
 struct pool {
@@ -352,6 +362,8 @@ struct daemon {
 int pool_init(struct pool *p, uint64_t bytes);
 uint32_t pool_lookup(struct pool *p, uint64_t hash, const void *page);
 uint32_t pool_alloc(struct pool *p, uint64_t hash, const void *page);
+uint32_t pool_block(const struct pool *p, uint32_t slot, uint32_t *first);
+uint32_t pool_grow_block(struct pool *p, uint32_t slot, uint32_t *first);
 void pool_ref(struct pool *p, uint32_t slot);
 void pool_unref(struct pool *p, uint32_t slot);
 uint64_t pool_gc(struct pool *p);

@@ -26,6 +26,9 @@
  *   exec                  execve this program again, in the same process;
  *                         the new image answers "ok" (the region is gone)
  *   fill SEED FIRST N     page p gets pattern(SEED, p); SEED 0: zeros
+ *   fillone SEED FIRST N  every page gets pattern(SEED, 0): one content
+ *                         repeated, as memory a program filled with a
+ *                         pattern; checkone verifies it
  *   check SEED FIRST N    verify; "ok" or "err bad PAGE"
  *   write P BYTE          one byte at the start of page P
  *   dontneed FIRST N      madvise(MADV_DONTNEED)
@@ -146,22 +149,33 @@ static void pattern(uint8_t *p, unsigned seed, size_t page)
 	}
 }
 
-static void fill(unsigned seed, size_t first, size_t n)
+/* one: every page as page 0 */
+static void fill_as(unsigned seed, size_t first, size_t n, bool one)
 {
 	for (size_t p = first; p < first + n; p++)
-		pattern(region + p * PG, seed, p);
+		pattern(region + p * PG, seed, one ? 0 : p);
 }
 
-static long check(unsigned seed, size_t first, size_t n)
+static void fill(unsigned seed, size_t first, size_t n)
+{
+	fill_as(seed, first, n, false);
+}
+
+static long check_as(unsigned seed, size_t first, size_t n, bool one)
 {
 	uint8_t want[PG];
 
 	for (size_t p = first; p < first + n; p++) {
-		pattern(want, seed, p);
+		pattern(want, seed, one ? 0 : p);
 		if (memcmp(want, region + p * PG, PG))
 			return (long)p;
 	}
 	return -1;
+}
+
+static long check(unsigned seed, size_t first, size_t n)
+{
+	return check_as(seed, first, n, false);
 }
 
 struct hammer {
@@ -856,8 +870,12 @@ int main(int argc, char **argv)
 		} else if (sscanf(line, "fill %lu %lu %lu", &x, &y, &z) == 3) {
 			fill((unsigned)x, y, z);
 			printf("ok\n");
-		} else if (sscanf(line, "check %lu %lu %lu", &x, &y, &z) == 3) {
-			long bad = check((unsigned)x, y, z);
+		} else if (sscanf(line, "fillone %lu %lu %lu", &x, &y, &z) == 3) {
+			fill_as((unsigned)x, y, z, true);
+			printf("ok\n");
+		} else if (sscanf(line, "check %lu %lu %lu", &x, &y, &z) == 3 ||
+			   sscanf(line, "checkone %lu %lu %lu", &x, &y, &z) == 3) {
+			long bad = check_as((unsigned)x, y, z, line[5] == 'o');
 
 			if (bad < 0)
 				printf("ok\n");

@@ -264,6 +264,18 @@ def converge(d, key, want, timeout=60):
     return st
 
 
+def all_merged(d, n, timeout=60):
+    """Wait until n pages map pool pages (pages_shared, the pool pages
+    in use, plus pages_sharing, the pages saved); return the status."""
+    st = wait_for(lambda: (lambda s: s if s["pages_shared"] +
+                           s["pages_sharing"] >= n else None)(d.status()),
+                  timeout=timeout, step=0.1)
+    s = d.status()
+    check(st, f"{s['pages_shared']} + {s['pages_sharing']} pages merged, "
+          f"wanted {n}")
+    return st
+
+
 def wait_for(cond, timeout=30, step=0.05):
     end = time.time() + timeout
     while time.time() < end:

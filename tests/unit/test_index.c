@@ -123,6 +123,64 @@ static void gc_spares_mapped_slots(void **state)
 }
 
 /*
+ * Blocks: copies of a slot's page on consecutive slots, made only once
+ * its references pay for them (64 a copy), freed with the slot or let
+ * go when few of them are mapped.
+ */
+static void pool_blocks(void **state)
+{
+	struct pool p;
+	uint32_t a, first, len, old;
+
+	(void)state;
+	assert_int_equal(pool_init(&p, 64 << 20), 0);
+	memset(page, 5, sizeof(page));
+	a = pool_alloc(&p, 7, page);
+	assert_int_equal(pool_block(&p, a, &first), 0);
+	for (int i = 0; i < 127; i++)
+		pool_ref(&p, a);
+	assert_int_equal(pool_grow_block(&p, a, &first), 0);	/* 127 */
+	pool_ref(&p, a);
+	len = pool_grow_block(&p, a, &first);
+	assert_int_equal(len, 2);	/* 128 references: 2 copies */
+	assert_int_equal(first, a + 1);
+	assert_int_equal(p.used, 3);
+	for (uint32_t j = 0; j < len; j++) {
+		assert_memory_equal(p.base + (uint64_t)(first + j) * SP_PAGE,
+				    page, SP_PAGE);
+		assert_true(p.s[first + j].copy);
+	}
+	assert_int_equal(pool_lookup(&p, 7, page), a);	/* never a copy */
+	/* 1,024 references: straight to 16 copies, after the old block */
+	for (int i = 0; i < 1024 - 128; i++)
+		pool_ref(&p, a);
+	old = first;
+	assert_int_equal(pool_grow_block(&p, a, &first), 16);
+	assert_int_equal(first, old + 2);
+	/* half the new block mapped, the old one not: GC frees the old
+	 * copies only; the slot and its block stay */
+	for (uint32_t j = 0; j < 8; j++)
+		pool_ref(&p, first + j);
+	assert_int_equal(pool_gc(&p), 2);
+	assert_false(p.s[old].used);
+	assert_int_equal(pool_block(&p, a, &first), 16);
+	/* all references gone but 2 of 16: the block is let go, and every
+	 * copy nothing maps is freed, and the slot, which nothing maps */
+	for (int i = 0; i < 1024; i++)
+		pool_unref(&p, a);
+	for (uint32_t j = 2; j < 8; j++)
+		pool_unref(&p, first + j);
+	assert_int_equal(pool_gc(&p), 15);
+	assert_false(p.s[a].used);
+	assert_true(p.s[first].used && p.s[first + 1].used);
+	assert_int_equal(pool_lookup(&p, 7, page), NO_SLOT);
+	pool_unref(&p, first);
+	pool_unref(&p, first + 1);
+	assert_int_equal(pool_gc(&p), 2);
+	assert_int_equal(p.used, 0);
+}
+
+/*
  * A child shares 8 pages with this process since fork, writes 2 of them
  * (its own now), and has one unmapped.  sp_read_pages reads them all from
  * the child, the one unmapped excepted, and leaves the shared ones
@@ -198,6 +256,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(unstable_basics),
+		cmocka_unit_test(pool_blocks),
 		cmocka_unit_test(pool_lookup_compares_content),
 		cmocka_unit_test(gc_spares_mapped_slots),
 		cmocka_unit_test(read_pages_copies_nothing),
