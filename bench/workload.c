@@ -18,6 +18,8 @@
  *        unique     nothing can merge
  *        cowstorm   every page a duplicate (the cow command then breaks
  *                   every merge)
+ *        pattern    every page one and the same content, as memory a
+ *                   program filled with a pattern
  *   ID   the process's number: unique pages differ between processes
  *
  * usage: workload membound MIB SECONDS
@@ -85,7 +87,9 @@ static void fill(const char *kind, unsigned id)
 			rng = mix(rng + p);
 			key = rng % 10 < 6 ? dup_key(rng % npages)
 					   : unique_key(id, p);
-		} else if (!strcmp(kind, "cowstorm"))
+		} else if (!strcmp(kind, "pattern"))
+			key = dup_key(0);
+		else if (!strcmp(kind, "cowstorm"))
 			key = dup_key(p);
 		else
 			key = unique_key(id, p);
