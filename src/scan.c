@@ -6,10 +6,11 @@
  * Per chunk of a range: read the client's pagemap, skip pages that are
  * not present (reading them would allocate them on this kernel) or
  * already merged; read the rest (sp_read_pages: pages shared after fork
- * without copying them) and hash them with xxh3.  A page is a candidate
+ * without copying them) and hash them with xxh3.  A page equal to a pool
+ * page (full compare) is planned onto it, when first seen as KSM merges a
+ * page equal to one in its stable tree.  Otherwise a page is a candidate
  * only once its hash is unchanged since the previous pass (the
- * volatility filter).  A candidate equal to a pool page (full compare)
- * is planned onto it; an all-zero one is planned as a zero page; one equal
+ * volatility filter): an all-zero one is planned as a zero page; one equal
  * to a page in the unstable table (re-read and compared in full) gets a
  * new pool slot, and both are planned onto it, unless they are one frame
  * shared after fork.  Plans for consecutive
@@ -246,18 +247,31 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 			struct pstate *st, const uint8_t *page, uint64_t pm)
 {
 	uint64_t h = XXH3_64bits(page, SP_PAGE);
+	bool steady = (st->flags & PS_SEEN) && st->hash == h;
 	struct ut_entry *e;
 	uint32_t slot;
 
-	if (!(st->flags & PS_SEEN) || st->hash != h) {
+	if (!steady) {
 		if (st->flags & PS_SEEN)
 			d->volatile_cur++;
 		st->hash = h;
 		st->flags |= PS_SEEN;
-		return;
 	}
 	if (c->ninflight >= max_inflight)
 		return;
+	/* A page equal to a pool page merges when first seen, as KSM
+	 * merges one equal to a page of its stable tree: a program that
+	 * starts after others (a VM from the same image) merges in one
+	 * pass, not two.  Only a pairing of two pages of programs' own
+	 * waits for the hash to hold still, and a page of zeros (it may
+	 * be one of the kernel's zero pages, below). */
+	if (!steady) {
+		slot = h == d->zero_hash && sp_page_is_zero(page)
+			       ? NO_SLOT : pool_lookup(&d->pool, h, page);
+		if (slot != NO_SLOT)
+			plan(d, c, st, addr, SP_ITEM_POOL, slot);
+		return;
+	}
 	if (h == d->zero_hash && sp_page_is_zero(page)) {
 		if (!(pm & PM_EXCL) && !zeros_of_its_own(d, pm))
 			return;

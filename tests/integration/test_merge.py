@@ -224,6 +224,29 @@ def test_one_content_maps_by_blocks():
               "programs")
 
 
+def test_late_program_merges_when_first_seen():
+    """A program that starts once others have merged (a VM from the
+    same image) has its pages merged when the scanner first reads them,
+    as KSM merges a page equal to one in its stable tree: 4,000 pages
+    merge for about 4,000 scanned, where waiting for the hash to hold
+    still read each twice (8,000)."""
+    n = 4000
+    with Env() as e:
+        a, b = twins(e, n)
+        all_merged(e.d, 2 * n)
+        c = e.proc()
+        c.map(n)
+        c.ok(f"fill 1 0 {n}")
+        s0 = e.d.status()["pages_scanned"]
+        c.ok("merge")
+        st = all_merged(e.d, 3 * n)
+        read = st["pages_scanned"] - s0
+        check(shared(a, c) == n, f"{shared(a, c)} of {n} frames shared")
+        check(read < 1.5 * n, f"{read} pages scanned to merge {n}, "
+              f"want about {n}")
+        c.ok(f"check 1 0 {n}")
+
+
 def uffd_vmas(pid, lo, hi):
     """VMAs in [lo, hi) registered with a userfaultfd (smaps: um, uw)."""
     found, cur = [], None
@@ -771,6 +794,7 @@ if __name__ == "__main__":
         test_zero_pages_kernel_semantics,
         test_runs_map_as_one,
         test_one_content_maps_by_blocks,
+        test_late_program_merges_when_first_seen,
         test_single_pages_leave_nothing_registered,
         test_unmerge_run2,
         test_unmerge_madvise,
