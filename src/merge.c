@@ -63,7 +63,7 @@ static const uint64_t recount_every = 512;
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
- * nopincheck, notwin and noreclaim.  Read once; merges run one at a time
+ * latepin, nopincheck, notwin and noreclaim.  Read once; merges run one at a time
  * under the agent lock. */
 bool agent_fault(const char *what)
 {
@@ -1034,6 +1034,17 @@ static long twin_anon_pages(long pid)
 	return p ? strtol(p + 8, NULL, 10) / (long)(SP_PAGE / 1024) : -1;
 }
 
+/* SAMEPAGE_FAULT=latepin: a pin for reading, such as a device that
+ * reads from the page takes (process_vm_readv pins what it reads). */
+static void pin_briefly(struct sp_agent *a, uintptr_t p)
+{
+	uint8_t buf[64];
+	struct iovec lio = { buf, sizeof(buf) }, rio = { (void *)p, sizeof(buf) };
+
+	if (syscall(SYS_process_vm_readv, a->pid, &lio, 1, &rio, 1, 0) < 0)
+		log_warn("latepin %#lx", (unsigned long)p);
+}
+
 static void twin_end(long pid)
 {
 	siginfo_t si;
@@ -1104,7 +1115,9 @@ static bool cow_copy(uint64_t pm)
  * pinned for I/O must not be: the device would go on writing into the
  * old page.  So the pages are write-protected first (no new pin for
  * writing can be taken; writes wait), then a twin (above) tells which
- * may be pinned, and only the others are replaced.  done[k]: page k is
+ * may be pinned, and only the others are replaced, each after a last
+ * look that it is still shared with the twin, which lives until then (a
+ * pin for reading taken meanwhile would have made it the program's own).  done[k]: page k is
  * in an anonymous mapping now, its bytes unchanged; later[k]: it may be
  * pinned, or a step failed that may not fail next time (the mapping
  * budget, a twin or a copy that could not be made): worth trying again
@@ -1149,21 +1162,71 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 	pid = nc && !agent_fault("notwin") ? twin_start() : -1;
 	if (pid > 0 && agent_fault("slowtwin"))
 		usleep(500000);	/* widen the window for tests */
+	if (nc)
+		twin_scope(a, false);
 	for (k = 0; k < n; k++) {
+		if (fork_too[k] && dontfork(a, pg[k]))
+			reapply_flags(a, pg[k], SP_PAGE);
+		if (cand[k] && pid <= 0) {	/* no twin: no way to tell */
+			cand[k] = 0;
+			later[k] = 1;
+		}
+	}
+	for (k = 0; k < n; k++) {	/* the copies */
+		t[k] = -1;
 		if (!cand[k])
 			continue;
-		if (pid <= 0) {		/* no twin: no way to tell */
-			cand[k] = 0;
+		t[k] = syscall(SYS_mmap, 0, SP_PAGE, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (t[k] == -1) {
 			later[k] = 1;
 			continue;
 		}
-		cand[k] = sp_pagemap_read(a->pagemap, pg[k], 1, &pm) == 0 &&
-			  cow_copy(pm);
-		/* not shared with the twin: fork copied it, maybe pinned */
-		if (cand[k] && (pm & PM_EXCL) && !agent_fault("nopincheck")) {
-			cand[k] = 0;
+		/* Through /proc/self/mem, which takes no pin: a pin (as
+		 * process_vm_readv takes) would give the program a copy of
+		 * its own of a page it shares with the twin, and it would
+		 * look pinned below.  (The copy is the write fault that
+		 * populates t.) */
+		if (pread(a->memfd, (void *)t[k], SP_PAGE, (off_t)pg[k]) !=
+		    (ssize_t)SP_PAGE) {
+			syscall(SYS_munmap, t[k], SP_PAGE);
+			t[k] = -1;
+			later[k] = 1;
+		}
+	}
+	if (nc && agent_fault("slowagain"))
+		usleep(100000);	/* widen the window for tests */
+	if (nc && agent_fault("latepin"))	/* a pin taken meanwhile */
+		for (k = 1; k < n; k += 2)
+			if (t[k] != -1)
+				pin_briefly(a, pg[k]);
+	for (k = 0; k < n; k++) {	/* each in its page's place */
+		if (t[k] == -1)
+			continue;
+		/* Still the protected copy, and still shared with the twin:
+		 * not a hole, nor a fresh mapping of the program's put there
+		 * by a raw mmap, nor a page pinned since the twin was made.
+		 * A pin for writing waits for the protection; one for
+		 * reading (a device that reads from the page) makes the page
+		 * the program's own first, as a write would.  Left as it is,
+		 * the device would read the old page for as long as it held
+		 * it, and never see the program's writes to the new one. */
+		if (sp_pagemap_read(a->pagemap, pg[k], 1, &pm) < 0 ||
+		    !cow_copy(pm)) {
+			syscall(SYS_munmap, t[k], SP_PAGE);
+		} else if ((pm & PM_EXCL) && !agent_fault("nopincheck")) {
+			syscall(SYS_munmap, t[k], SP_PAGE);
 			later[k] = 1;
 			a->figs.pinned_skipped++;
+		} else if (syscall(SYS_mremap, t[k], SP_PAGE, SP_PAGE,
+				   MREMAP_MAYMOVE | MREMAP_FIXED,
+				   pg[k]) == (long)pg[k]) {
+			a->figs.mappings += 2;
+			reapply_flags(a, pg[k], SP_PAGE);
+			done[k] = 1;
+		} else {	/* (ENOMEM: the kernel's own mapping limit) */
+			syscall(SYS_munmap, t[k], SP_PAGE);
+			later[k] = 1;
 		}
 	}
 	if (pid > 0) {
@@ -1180,55 +1243,6 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		a->twin_after_ms = sp_now_ms() +
 				   (over > 0 ? (uint64_t)over * 300 / 1000 : 0);
 		twin_end(pid);
-	}
-	if (nc)
-		twin_scope(a, false);
-	for (k = 0; k < n; k++)
-		if (fork_too[k] && dontfork(a, pg[k]))
-			reapply_flags(a, pg[k], SP_PAGE);
-	for (k = 0; k < n; k++) {	/* the copies */
-		struct iovec lio, rio;
-
-		t[k] = -1;
-		if (!cand[k])
-			continue;
-		t[k] = syscall(SYS_mmap, 0, SP_PAGE, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (t[k] == -1) {
-			later[k] = 1;
-			continue;
-		}
-		lio.iov_base = (void *)t[k];
-		rio.iov_base = (void *)pg[k];
-		lio.iov_len = rio.iov_len = SP_PAGE;
-		/* (the copy is the write fault that populates it) */
-		if (syscall(SYS_process_vm_readv, a->pid, &lio, 1, &rio, 1,
-			    0) != (long)SP_PAGE) {
-			syscall(SYS_munmap, t[k], SP_PAGE);
-			t[k] = -1;
-			later[k] = 1;
-		}
-	}
-	if (nc && agent_fault("slowagain"))
-		usleep(100000);	/* widen the window for tests */
-	for (k = 0; k < n; k++) {	/* each in its page's place */
-		if (t[k] == -1)
-			continue;
-		/* still the protected copy: not a hole, nor a fresh mapping
-		 * of the program's put there by a raw mmap */
-		if (sp_pagemap_read(a->pagemap, pg[k], 1, &pm) < 0 ||
-		    !cow_copy(pm))
-			syscall(SYS_munmap, t[k], SP_PAGE);
-		else if (syscall(SYS_mremap, t[k], SP_PAGE, SP_PAGE,
-				 MREMAP_MAYMOVE | MREMAP_FIXED,
-				 pg[k]) == (long)pg[k]) {
-			a->figs.mappings += 2;
-			reapply_flags(a, pg[k], SP_PAGE);
-			done[k] = 1;
-		} else {	/* (ENOMEM: the kernel's own mapping limit) */
-			syscall(SYS_munmap, t[k], SP_PAGE);
-			later[k] = 1;
-		}
 	}
 	for (k = 0; k < n; k++) {
 		if (!reg[k])

@@ -391,6 +391,34 @@ def test_pinned_written_pages_not_merged_again():
         a.ok("check 1 0 2000")
 
 
+def test_pin_after_twin_not_merged_again():
+    """A page pinned for reading once the twin has shown it unpinned (a
+    device that reads from it: SAMEPAGE_FAULT=latepin pins every other
+    page between the copies and their mremap, as process_vm_readv does)
+    is not made anonymous again: the device would go on reading the old
+    page and miss the program's writes.  The pin makes the page the
+    program's own, no longer shared with the twin, and that is checked
+    right before each mremap.  The pages are tried again after the wait,
+    and all merge in the end (each round pins every second page of a batch: a page alone is
+    left be)."""
+    n = 512
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="latepin")
+        converge(e.d, "pages_sharing", n)
+        p0 = int(a.stats()["pinned"])
+        a.ok(f"fill 1 0 {n}")       # copies of their own, same bytes
+        check(wait_for(lambda: int(a.stats()["pinned"]) - p0 >= n // 4, 30),
+              f"{int(a.stats()['pinned']) - p0} pages seen pinned, want "
+              f">= {n // 4}")
+        check(wait_for(lambda: shared(a, b) == n, 60),
+              f"{shared(a, b)} of {n} pages merged again")
+        for p in (a, b):
+            p.ok(f"check 1 0 {n}")
+        a.ok("write 9 99")
+        b.ok(f"check 1 0 {n}")
+        check(a.cmd("check 1 9 1") != "ok", "write to page 9 lost")
+
+
 def test_fork_shared_pages_while_writing():
     """Pages shared with a child since fork are given copies and merged
     while writer threads hammer them in the parent: no write lost, and
@@ -1085,6 +1113,7 @@ if __name__ == "__main__":
         test_merge_again_while_writing,
         test_twin_dies_with_the_program,
         test_pinned_written_pages_not_merged_again,
+        test_pin_after_twin_not_merged_again,
         test_odirect_reads_while_merging,
         test_fork_shared_pages_while_writing,
         test_fork_child_and_gc,
