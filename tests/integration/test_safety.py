@@ -772,6 +772,36 @@ def test_kill_daemon_mid_unmerge():
               "agent still active with no daemon")
 
 
+def test_kill_daemon_and_fork_mid_merge_again():
+    """While pages written after their merge are made anonymous again
+    (each batch held 100 ms between its copies and their mremaps), the
+    program forks, and then the daemon is killed: the child has every
+    byte, the program too, its writes land, and merging stops."""
+    n = 4000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="slowagain")
+        converge(e.d, "pages_sharing", n)
+        m0 = int(a.stats()["merged"])
+        a.ok(f"fill 1 0 {n}")       # copies of their own, same bytes
+        check(wait_for(lambda: int(a.stats()["merged"]) > m0, 20),
+              "nothing merged again")
+        time.sleep(0.05)            # into a batch's hold
+        a.ok("forkmap 0 1")         # (fork waits for the agent's lock)
+        time.sleep(0.05)
+        e.d.kill()
+        time.sleep(0.3)
+        check(a.ok("wait") == "0", "the child saw wrong bytes")
+        for p in (a, b):
+            p.ok(f"check 1 0 {n}")
+        for pg in range(0, n, 97):
+            a.ok(f"write {pg} 77")
+        b.ok(f"check 1 0 {n}")
+        for pg in range(0, n, 97):
+            check(a.cmd(f"check 1 {pg} 1") != "ok", f"write to {pg} lost")
+        check(wait_for(lambda: a.stats()["active"] == "0", 5),
+              "agent still active with no daemon")
+
+
 def test_verify_failures_restore_pages(
         env=None, faults=("verify", "map", "mapgap", "moveback")):
     """Fault injection: every merge fails at verification, at the final
@@ -1128,6 +1158,7 @@ if __name__ == "__main__":
         test_raw_remap_during_unmerge,
         test_raw_remap_during_merge_again,
         test_kill_daemon_mid_merge,
+        test_kill_daemon_and_fork_mid_merge_again,
         test_kill_daemon_mid_unmerge,
         test_verify_failures_restore_pages,
         test_stopped_client_does_not_hold_up_others,
