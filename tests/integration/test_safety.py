@@ -280,6 +280,18 @@ def test_pinned_never_merged():
         reads_land(a, b)
 
 
+def merged_again_intact(a, b, n, seed, timeout):
+    """All n pages (seed) of a and b merge again within timeout, and keep
+    their bytes; a write of a's to one then lands in a alone."""
+    check(wait_for(lambda: shared(a, b) >= n, timeout),
+          f"{shared(a, b)} of {n} written pages merged again")
+    for p in (a, b):
+        p.ok(f"check {seed} 0 {n}")
+    a.ok("write 7 99")
+    b.ok(f"check {seed} 0 {n}")
+    check(a.cmd(f"check {seed} 7 1") != "ok", "write to page 7 lost")
+
+
 def test_written_pages_merge_again():
     """Pages written after a merge, by both programs with the same bytes,
     are duplicates again: they merge again, as under KSM.  Bytes and
@@ -290,13 +302,7 @@ def test_written_pages_merge_again():
         converge(e.d, "pages_sharing", n)
         for p in (a, b):
             p.ok(f"fill 5 0 {n}")
-        check(wait_for(lambda: shared(a, b) >= n, 30),
-              f"{shared(a, b)} of {n} written pages merged again")
-        for p in (a, b):
-            p.ok(f"check 5 0 {n}")
-        a.ok("write 7 99")
-        b.ok(f"check 5 0 {n}")
-        check(a.cmd("check 5 7 1") != "ok", "write to page 7 lost")
+        merged_again_intact(a, b, n, 5, 30)
         # the region was kept out of the agent's twin processes for a
         # moment (MADV_DONTFORK): a child of the program's has it again
         b.ok("forkmap 0 5")
@@ -391,6 +397,18 @@ def test_pinned_written_pages_not_merged_again():
         a.ok("check 1 0 2000")
 
 
+def written_twins(e, n, fault):
+    """Two programs with n merged pages; then the first (with
+    SAMEPAGE_FAULT=fault) writes the same bytes into all of them: copies
+    of its own, duplicates again.  Returns both and the first's agent
+    figures from before the writes."""
+    a, b = twins(e, n, fault=fault)
+    converge(e.d, "pages_sharing", n)
+    before = a.stats()
+    a.ok(f"fill 1 0 {n}")
+    return a, b, before
+
+
 def test_pin_after_twin_not_merged_again():
     """A page pinned for reading once the twin has shown it unpinned (a
     device that reads from it: SAMEPAGE_FAULT=latepin pins every other
@@ -399,24 +417,16 @@ def test_pin_after_twin_not_merged_again():
     page and miss the program's writes.  The pin makes the page the
     program's own, no longer shared with the twin, and that is checked
     right before each mremap.  The pages are tried again after the wait,
-    and all merge in the end (each round pins every second page of a batch: a page alone is
-    left be)."""
+    and all merge in the end (each round pins every second page of a
+    batch: a page alone is left be)."""
     n = 512
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n, fault="latepin")
-        converge(e.d, "pages_sharing", n)
-        p0 = int(a.stats()["pinned"])
-        a.ok(f"fill 1 0 {n}")       # copies of their own, same bytes
+        a, b, before = written_twins(e, n, "latepin")
+        p0 = int(before["pinned"])
         check(wait_for(lambda: int(a.stats()["pinned"]) - p0 >= n // 4, 30),
               f"{int(a.stats()['pinned']) - p0} pages seen pinned, want "
               f">= {n // 4}")
-        check(wait_for(lambda: shared(a, b) == n, 60),
-              f"{shared(a, b)} of {n} pages merged again")
-        for p in (a, b):
-            p.ok(f"check 1 0 {n}")
-        a.ok("write 9 99")
-        b.ok(f"check 1 0 {n}")
-        check(a.cmd("check 1 9 1") != "ok", "write to page 9 lost")
+        merged_again_intact(a, b, n, 1, 60)
 
 
 def test_fork_shared_pages_while_writing():
@@ -699,10 +709,8 @@ def test_raw_remap_during_merge_again():
     it."""
     n = 4000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n, fault="slowagain")
-        converge(e.d, "pages_sharing", n)
-        m0 = int(a.stats()["merged"])
-        a.ok(f"fill 1 0 {n}")       # copies of their own, same bytes
+        a, b, before = written_twins(e, n, "slowagain")
+        m0 = int(before["merged"])
         spots = range(0, n, 400)
         for j, first in enumerate(spots):
             # in the hold of the batch that holds these pages: batches go
@@ -745,6 +753,20 @@ def test_kill_daemon_mid_merge():
             check(shared(a, b) <= sh, "merging went on")
 
 
+def intact_without_daemon(a, b, n):
+    """After the daemon's death: both programs have every byte of seed 1,
+    a's writes land and b's bytes stay, and a's agent has stopped."""
+    for p in (a, b):
+        p.ok(f"check 1 0 {n}")
+    for pg in range(0, n, 97):
+        a.ok(f"write {pg} 77")
+    b.ok(f"check 1 0 {n}")
+    for pg in range(0, n, 97):
+        check(a.cmd(f"check 1 {pg} 1") != "ok", f"write to {pg} lost")
+    check(wait_for(lambda: a.stats()["active"] == "0", 5),
+          "agent still active with no daemon")
+
+
 def test_kill_daemon_mid_unmerge():
     """kill -9 of the daemon while run=2 is under way (each copy held
     20 ms): the agents finish what they do alone, every byte stays, and
@@ -761,15 +783,7 @@ def test_kill_daemon_mid_unmerge():
         unmerge.join()
         check(wait_for(lambda: shared(a, b) == 0, 10),
               f"{shared(a, b)} pages still shared: an unmerge stopped")
-        for p in (a, b):
-            p.ok(f"check 1 0 {n}")
-        for pg in range(0, n, 97):
-            a.ok(f"write {pg} 77")
-        b.ok(f"check 1 0 {n}")
-        for pg in range(0, n, 97):
-            check(a.cmd(f"check 1 {pg} 1") != "ok", f"write to {pg} lost")
-        check(wait_for(lambda: a.stats()["active"] == "0", 5),
-              "agent still active with no daemon")
+        intact_without_daemon(a, b, n)
 
 
 def test_kill_daemon_and_fork_mid_merge_again():
@@ -779,10 +793,8 @@ def test_kill_daemon_and_fork_mid_merge_again():
     byte, the program too, its writes land, and merging stops."""
     n = 4000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n, fault="slowagain")
-        converge(e.d, "pages_sharing", n)
-        m0 = int(a.stats()["merged"])
-        a.ok(f"fill 1 0 {n}")       # copies of their own, same bytes
+        a, b, before = written_twins(e, n, "slowagain")
+        m0 = int(before["merged"])
         check(wait_for(lambda: int(a.stats()["merged"]) > m0, 20),
               "nothing merged again")
         time.sleep(0.05)            # into a batch's hold
@@ -791,15 +803,7 @@ def test_kill_daemon_and_fork_mid_merge_again():
         e.d.kill()
         time.sleep(0.3)
         check(a.ok("wait") == "0", "the child saw wrong bytes")
-        for p in (a, b):
-            p.ok(f"check 1 0 {n}")
-        for pg in range(0, n, 97):
-            a.ok(f"write {pg} 77")
-        b.ok(f"check 1 0 {n}")
-        for pg in range(0, n, 97):
-            check(a.cmd(f"check 1 {pg} 1") != "ok", f"write to {pg} lost")
-        check(wait_for(lambda: a.stats()["active"] == "0", 5),
-              "agent still active with no daemon")
+        intact_without_daemon(a, b, n)
 
 
 def test_verify_failures_restore_pages(
