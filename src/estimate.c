@@ -30,8 +30,8 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <xxhash.h>
 
+#include "hash.h"
 #include "sp.h"
 
 #define CHUNK 512

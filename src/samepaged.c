@@ -18,8 +18,8 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
-#include <xxhash.h>
 
+#include "hash.h"
 #include "sp.h"
 
 /* How long a run=2 waits for every agent before it gives up. */
