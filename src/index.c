@@ -47,6 +47,11 @@ struct ut_entry *ut_find(struct unstable *u, uint64_t hash)
 	return slot_for(u, hash, false);
 }
 
+void ut_prefetch(const struct unstable *u, uint64_t hash)
+{
+	__builtin_prefetch(&u->v[hash & (u->cap - 1)]);
+}
+
 static void grow(struct unstable *u)
 {
 	struct unstable bigger;

@@ -25,8 +25,8 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <xxhash.h>
 
+#include "hash.h"
 #include "sp.h"
 
 #define CHUNK 512
@@ -244,9 +244,9 @@ static bool zeros_of_its_own(const struct daemon *d, uint64_t pm)
 }
 
 static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
-			struct pstate *st, const uint8_t *page, uint64_t pm)
+			struct pstate *st, const uint8_t *page, uint64_t pm,
+			uint64_t h)
 {
-	uint64_t h = XXH3_64bits(page, SP_PAGE);
 	bool steady = (st->flags & PS_SEEN) && st->hash == h;
 	struct ut_entry *e;
 	uint32_t slot;
@@ -292,6 +292,23 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	ut_put(&d->ut, h, c->id, addr, !(pm & PM_EXCL));
 }
 
+/* The hash of a page, and where handle_page will look for it loaded
+ * meanwhile: the pool's index always, the unstable table only for a
+ * page whose hash held still (the only ones looked up there). */
+static uint64_t next_hash(struct daemon *d, const uint8_t *page, bool ok,
+			  const struct pstate *st)
+{
+	uint64_t h;
+
+	if (!ok)
+		return 0;
+	h = XXH3_64bits(page, SP_PAGE);
+	pool_prefetch(&d->pool, h);
+	if ((st->flags & PS_SEEN) && st->hash == h)
+		ut_prefetch(&d->ut, h);
+	return h;
+}
+
 /*
  * Scan pages [first, first + n) of r; returns pages read.  *done: pages
  * of the n dealt with.  It stops short at a page that comes when the
@@ -306,7 +323,7 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 	static uint32_t idx[CHUNK];
 	static uintptr_t at[CHUNK];
 	static uint8_t ok[CHUNK];
-	uint64_t base = r->start + first * SP_PAGE, nc = 0, k, got = 0;
+	uint64_t base = r->start + first * SP_PAGE, nc = 0, k, got = 0, h;
 
 	*done = n;
 	if (sp_pagemap_read(c->pagemap, base, n, pm) < 0)
@@ -321,15 +338,23 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 	}
 	if (!nc || !sp_read_pages(c->pid, c->mem, at, cpm, nc, d->buf, ok))
 		return 0;
+	/* Each page's hash is taken one page ahead (next_hash): a lookup is
+	 * a cache miss in tables of megabytes. */
+	h = next_hash(d, d->buf, ok[0], &r->st[first + idx[0]]);
 	for (k = 0; k < nc; k++) {
+		uint64_t hk = h;
+
 		if (c->ninflight >= max_inflight) {
 			*done = idx[k];
 			break;
 		}
+		if (k + 1 < nc)
+			h = next_hash(d, d->buf + (k + 1) * SP_PAGE, ok[k + 1],
+				      &r->st[first + idx[k + 1]]);
 		if (!ok[k])
 			continue;	/* unmapped, or out for a merge */
 		handle_page(d, c, at[k], &r->st[first + idx[k]],
-			    d->buf + k * SP_PAGE, cpm[k]);
+			    d->buf + k * SP_PAGE, cpm[k], hk);
 		got++;
 	}
 	d->pages_scanned += got;

@@ -301,15 +301,20 @@ struct client {
 	struct client *next;
 };
 
-struct slot {			/* 32 bytes */
+struct slot {			/* 24 bytes */
 	uint64_t hash;
-	uint32_t refs, lease, next;
+	uint32_t refs, lease;
 	/* On a slot in the content index: its block of copies, blen slots
 	 * from blk (blen 0: none; pool.c, pool_block). */
 	uint32_t blk;
 	uint8_t blen;
 	uint8_t used;
 	uint8_t copy;	/* a copy in a block: not in the content index */
+};
+
+struct ixent {
+	uint32_t slot1;		/* slot + 1; 0: empty */
+	uint32_t tag;		/* the slot's hash, low 32 bits */
 };
 
 struct pool {
@@ -319,8 +324,9 @@ struct pool {
 	uint32_t nslots, cap, bump, hint;
 	uint32_t populated;	/* slots below this were allocated ahead */
 	struct slot *s;
-	uint32_t *freelist, nfree;
-	uint32_t *buckets, nbuckets;
+	uint32_t *freelist, fhead, nfree; /* free slots: [fhead, nfree) */
+	struct ixent *ix;	/* the content index (pool.c) */
+	uint64_t ixcap, nindexed;
 	uint64_t used, shared, total_refs, leased;
 	dev_t dev;
 	ino_t ino;
@@ -361,6 +367,7 @@ struct daemon {
 
 int pool_init(struct pool *p, uint64_t bytes);
 uint32_t pool_lookup(struct pool *p, uint64_t hash, const void *page);
+void pool_prefetch(const struct pool *p, uint64_t hash);
 uint32_t pool_alloc(struct pool *p, uint64_t hash, const void *page);
 uint32_t pool_block(const struct pool *p, uint32_t slot, uint32_t *first);
 uint32_t pool_grow_block(struct pool *p, uint32_t slot, uint32_t *first);
@@ -371,6 +378,7 @@ uint64_t pool_meta_bytes(const struct pool *p);
 
 int ut_init(struct unstable *u, uint64_t cap);
 struct ut_entry *ut_find(struct unstable *u, uint64_t hash);
+void ut_prefetch(const struct unstable *u, uint64_t hash);
 void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr,
 	    bool shared);
 void ut_del(struct unstable *u, struct ut_entry *e);

@@ -75,6 +75,67 @@ static void pool_lookup_compares_content(void **state)
 	assert_int_equal(p.shared, 0);
 }
 
+/*
+ * The content index through growth, and removal from the middle of long
+ * probe runs: hashes that share their low 32 bits (the index's tag) in
+ * groups of 16, and homes crowded into 4,000 entries.
+ */
+static uint64_t ix_hash(uint32_t k)
+{
+	return ((uint64_t)k << 32) | ((k / 16) * 97u % 4000u);
+}
+
+static void ix_page(uint8_t *pg, uint32_t k)
+{
+	memset(pg, 0, SP_PAGE);
+	memcpy(pg, &k, sizeof(k));
+}
+
+static void pool_index_survives_growth_and_removal(void **state)
+{
+	enum { n = 30000 };
+	static uint32_t slot[n];
+	struct pool p;
+
+	(void)state;
+	assert_int_equal(pool_init(&p, 256 << 20), 0);
+	for (uint32_t k = 0; k < n; k++) {
+		ix_page(page, k);
+		slot[k] = pool_alloc(&p, ix_hash(k), page);
+		assert_int_not_equal(slot[k], NO_SLOT);
+		if (k % 3)
+			pool_ref(&p, slot[k]);
+	}
+	assert_true(p.ixcap >= 2 * n);	/* grew from 8192 */
+	assert_int_equal(pool_gc(&p), n / 3);	/* every third: unreferenced */
+	assert_int_equal(p.nindexed, n - n / 3);
+	for (uint32_t k = 0; k < n; k++) {
+		ix_page(page, k);
+		assert_int_equal(pool_lookup(&p, ix_hash(k), page),
+				 k % 3 ? slot[k] : NO_SLOT);
+	}
+	/* the freed ones come back, first on the slots freed first (all
+	 * 10,000 are reused but the last 4,095) */
+	for (uint32_t k = 0, reused = 0, before = p.bump; k < n; k += 3) {
+		uint32_t was = slot[k];
+
+		ix_page(page, k);
+		slot[k] = pool_alloc(&p, ix_hash(k), page);
+		assert_int_not_equal(slot[k], NO_SLOT);
+		reused += slot[k] < before;
+		if (k < 3 * 5000)
+			assert_int_equal(slot[k], was);
+		if (k + 3 >= n)
+			assert_int_equal(reused, n / 3 - 4095);
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		ix_page(page, k);
+		assert_int_equal(pool_lookup(&p, ix_hash(k), page), slot[k]);
+		ix_page(other, k + n);	/* same hash, other bytes */
+		assert_int_equal(pool_lookup(&p, ix_hash(k), other), NO_SLOT);
+	}
+}
+
 static void gc_spares_mapped_slots(void **state)
 {
 	struct pool p;
@@ -258,6 +319,7 @@ int main(void)
 		cmocka_unit_test(unstable_basics),
 		cmocka_unit_test(pool_blocks),
 		cmocka_unit_test(pool_lookup_compares_content),
+		cmocka_unit_test(pool_index_survives_growth_and_removal),
 		cmocka_unit_test(gc_spares_mapped_slots),
 		cmocka_unit_test(read_pages_copies_nothing),
 	};
