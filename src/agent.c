@@ -435,6 +435,13 @@ static int map_pool_and_scratch(struct sp_agent *a)
 			a->cmpbuf = NULL;
 			return -errno;
 		}
+		/* Empty in a twin (merge.c) or a child: fork leaves the
+		 * pages of a MADV_WIPEONFORK mapping alone, where it would
+		 * write-protect them, and each of the 128 would cost a
+		 * fault on the next comparison after every twin.  The child
+		 * still has the mapping, so its agent can go on using it. */
+		sys_madvise(a->cmpbuf, 2 * SP_CMP_PAGES * SP_PAGE,
+			    MADV_WIPEONFORK);
 	}
 	sys_madvise(a->scratch, slen, MADV_DONTNEED);
 	a->scratch_used = 0;
