@@ -681,16 +681,21 @@ def test_refuses_what_ksm_refuses():
         a.ok("check 1 0 1000")
 
 
-def region_perms(p, n):
-    """The permission strings of the mappings over p's region."""
+def region_maps(p, n):
+    """The lines of /proc/PID/maps over p's region: "START-END PERMS"."""
     lo, hi = p.addr, p.addr + n * PAGE
-    perms = set()
+    out = []
     with open(f"/proc/{p.pid}/maps") as f:
         for line in f:
             s, t = (int(x, 16) for x in line.split()[0].split("-"))
             if s < hi and t > lo:
-                perms.add(line.split()[1])
-    return perms
+                out.append(" ".join(line.split()[:2]))
+    return out
+
+
+def region_perms(p, n):
+    """The permission strings of the mappings over p's region."""
+    return {line.split()[1] for line in region_maps(p, n)}
 
 
 def test_protection_kept():
@@ -778,9 +783,15 @@ def test_readonly_pages_put_back_stay_readonly():
         # items are planned again and again (they always "differ"): stop
         # and let the last one end, in which the range is writable
         e.d.set(run=0)
-        wait_for(lambda: region_perms(a, n) == {"r--p"}, 5)
-        check(region_perms(a, n) == {"r--p"},
-              f"mapped {region_perms(a, n)} after merging")
+        t0, before = time.time(), int(a.stats()["changed"])
+        # batches already sent are still worked through, 200 ms each
+        wait_for(lambda: region_perms(a, n) == {"r--p"}, 10)
+        perms = region_perms(a, n)
+        check(perms == {"r--p"},
+              f"mapped {perms} {time.time() - t0:.1f} s after run=0; "
+              f"{int(a.stats()['changed']) - before} pages went out and "
+              f"back since; maps: {region_maps(a, n)}; agent: "
+              f"{a.err()[-600:]!r}")
         a.ok(f"check 1 0 {n}")
 
 
