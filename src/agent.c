@@ -304,6 +304,7 @@ static void *agent_main(void *arg)
 	static uint64_t buf[SP_MSG_MAX / 8];
 	struct pollfd pfd[2] = { { -1, POLLIN, 0 }, { -1, POLLIN, 0 } };
 
+	a->tid = (pid_t)syscall(SYS_gettid);	/* read after a join */
 	for (;;) {
 		struct sp_msg m;
 		ssize_t n;
@@ -728,6 +729,21 @@ SAMEPAGE_API void samepage_shutdown(void)
 }
 
 /*
+ * pthread_join returns once the kernel has cleared the thread's tid, a
+ * little before the thread leaves its group: until then unshare still
+ * counts it (test_unshare_user_namespace saw EINVAL).  So wait, 100 ms
+ * at most, for /proc to stop listing it.
+ */
+static void gone(pid_t tid)
+{
+	char path[48];
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d", (int)tid);
+	for (int i = 0; i < 2000 && access(path, F_OK) == 0; i++)
+		usleep(50);
+}
+
+/*
  * unshare(CLONE_NEWUSER), and setns into a user or mount namespace, are
  * refused (EINVAL) to a process of more than one thread, which the
  * agent's makes of every program under samepage.  So the interposers
@@ -748,8 +764,10 @@ bool agent_pause(struct sp_agent *a)
 	if (stop)
 		a->thread_started = 0;
 	pthread_mutex_unlock(&a->lock);
-	if (stop)
+	if (stop) {
 		pthread_join(t, NULL);
+		gone(a->tid);
+	}
 	return stop;
 }
 

@@ -190,6 +190,7 @@ struct sp_agent {
 	size_t nown;
 	uint64_t sweep_at_ms, sweep_every_ms;	/* merge_any sweeps */
 	pthread_t thread;
+	pid_t tid;		/* the thread's, for agent_pause */
 	int thread_started;
 	struct sp_regions regions;
 	struct sp_figs figs;

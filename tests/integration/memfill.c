@@ -87,8 +87,9 @@
  *   heapwrite             write one byte in each; "ok MICROSECONDS"
  *   mlockall FLAGS        mlockall(2), FLAGS as a number (3: MCL_CURRENT
  *                         | MCL_FUTURE); munlockall: munlockall(2)
- *   unshare               unshare(CLONE_NEWUSER), which the kernel
- *                         allows only to a single-threaded process
+ *   unshare [N]           unshare(CLONE_NEWUSER), which the kernel
+ *                         allows only to a single-threaded process: in
+ *                         N - 1 children, one after the other, then here
  *   mmaplat SECONDS       mmap and munmap one page in a loop (through
  *                         libc, so the interposers): "ok CALLS P50_US
  *                         P99_US MAX_US" of the pairs
@@ -294,6 +295,20 @@ static void cmd_hammer(unsigned t, double secs, bool keep,
 	}
 	printf("ok %llu %llu\n", (unsigned long long)writes,
 	       (unsigned long long)lost);
+}
+
+/* A forked child (under samepage again, its agent's thread running)
+ * calls unshare(CLONE_NEWUSER): 0 or its errno. */
+static int unshare_in_child(void)
+{
+	int st;
+	pid_t pid = fork();
+
+	if (pid == 0)
+		_exit(unshare(CLONE_NEWUSER) == 0 ? 0 : errno);
+	if (pid < 0 || waitpid(pid, &st, 0) != pid)
+		return errno ? errno : ECHILD;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : EINTR;
 }
 
 static _Thread_local sigjmp_buf rowrite_jb;
@@ -967,10 +982,19 @@ int main(int argc, char **argv)
 		} else if (sscanf(line, "mmapmany %lu", &x) == 1) {
 			cmd_mmapmany(x);
 		} else if (!strncmp(line, "unshare", 7)) {
-			if (unshare(CLONE_NEWUSER) == 0)
+			unsigned u = 0, times = 1;
+			int e = 0;
+
+			sscanf(line + 7, "%u", &times);
+			while (u + 1 < times && !(e = unshare_in_child()))
+				u++;
+			if (!e && unshare(CLONE_NEWUSER) < 0)
+				e = errno;
+			if (!e)
 				printf("ok\n");
 			else
-				printf("err %s\n", strerror(errno));
+				printf("err %s, after %u of %u\n", strerror(e),
+				       u, times);
 		} else if (sscanf(line, "mmaplat %lf", &secs) == 1) {
 			cmd_mmaplat(secs);
 		} else if (!strncmp(line, "stats", 5)) {

@@ -495,14 +495,16 @@ def test_unshare_user_namespace():
     """unshare(CLONE_NEWUSER) is allowed only to a single-threaded process
     (unshare(1), bwrap and container runtimes make it): the agent stops
     its thread around the call and starts it again, and merging (on from
-    then on) works in the new namespace."""
+    then on) works in the new namespace.  A hundred calls (in 99
+    children, then in the program): the thread must be out of the
+    process by the time each call is made, not merely joined."""
     with Env(run=0) as e:
         a, b = twins(e, 1000)
         if threads(a.pid) != 2:
             raise Skip(f"{threads(a.pid)} threads, not the program's and "
                        "the agent's alone (a sanitizer's runtime has its "
                        "own): the kernel would refuse any unshare")
-        r = a.cmd("unshare")
+        r = a.cmd("unshare 100")
         check(r == "ok", f"unshare(CLONE_NEWUSER) under samepage: {r}")
         check(threads(a.pid) == 2,
               f"{threads(a.pid)} threads after unshare, want 2")
