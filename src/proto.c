@@ -89,12 +89,21 @@ int sp_decode(const void *buf, size_t n, struct sp_msg *m)
 	return 0;
 }
 
+int sp_header(struct sp_hdr *h, int type, size_t plen)
+{
+	if (plen > SP_MSG_MAX - sizeof(*h))
+		return -EMSGSIZE;
+	*h = (struct sp_hdr){ SP_PROTO_VERSION, (uint16_t)type,
+			      (uint32_t)plen };
+	return 0;
+}
+
 int sp_encode(void *buf, size_t cap, int type, const void *payload,
 	      size_t plen)
 {
-	struct sp_hdr h = { SP_PROTO_VERSION, (uint16_t)type, (uint32_t)plen };
+	struct sp_hdr h;
 
-	if (plen > SP_MSG_MAX - sizeof(h) || sizeof(h) + plen > cap)
+	if (sp_header(&h, type, plen) < 0 || sizeof(h) + plen > cap)
 		return -EMSGSIZE;
 	memcpy(buf, &h, sizeof(h));
 	if (plen)

@@ -170,18 +170,20 @@ int sp_mkdir_parent(const char *path)
 int sp_send_fd(int fd, int type, const void *payload, size_t plen,
 	       int passfd)
 {
-	uint64_t buf[SP_MSG_MAX / 8];
+	/* Header and payload as they are, one packet: no copy into a
+	 * buffer of SP_MSG_MAX on the stack, which a program's thread with
+	 * a small stack (this runs in its interposed calls) cannot hold. */
+	struct sp_hdr h;
 	char cbuf[CMSG_SPACE(sizeof(int))];
-	struct iovec iov;
+	struct iovec iov[2] = { { &h, sizeof(h) },
+				{ (void *)(uintptr_t)payload, plen } };
 	struct msghdr mh = { 0 };
-	int n = sp_encode(buf, sizeof(buf), type, payload, plen);
+	int n = sp_header(&h, type, plen);
 
 	if (n < 0)
 		return n;
-	iov.iov_base = buf;
-	iov.iov_len = (size_t)n;
-	mh.msg_iov = &iov;
-	mh.msg_iovlen = 1;
+	mh.msg_iov = iov;
+	mh.msg_iovlen = plen ? 2 : 1;
 	if (passfd >= 0) {
 		struct cmsghdr *c;
 
