@@ -580,15 +580,32 @@ static int open_uffd(struct sp_agent *a)
  * action.  And a handler run here would wait forever on a page this
  * thread has moved out, or on the agent lock it holds.
  */
+/*
+ * The agent thread's stack, whatever the program's default: glibc sizes
+ * a thread's stack by RLIMIT_STACK (or pthread_setattr_default_np), and
+ * merging written pages again takes about 60 KiB of it (arrays of
+ * AGAIN_PAGES, merge.c).  Only what is touched is memory, but for a
+ * program under mlockall(2), where all of it is.
+ */
+static const size_t agent_stack = 1 << 20;
+
 static int start_thread(struct sp_agent *a)
 {
 	sigset_t all, old;
+	pthread_attr_t attr;
 	int r;
 
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	r = pthread_create(&a->thread, NULL, agent_main, a);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	r = pthread_attr_init(&attr);
+	if (r)
+		return r;
+	r = pthread_attr_setstacksize(&attr, agent_stack);
+	if (!r) {
+		sigfillset(&all);
+		pthread_sigmask(SIG_SETMASK, &all, &old);
+		r = pthread_create(&a->thread, &attr, agent_main, a);
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
+	}
+	pthread_attr_destroy(&attr);
 	return r;
 }
 

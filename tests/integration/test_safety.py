@@ -309,6 +309,29 @@ def test_written_pages_merge_again():
         check(b.ok("wait") == "0", "the child did not see its region")
 
 
+def test_small_stack():
+    """A program run with a 64 KiB stack limit (RLIMIT_STACK, which also
+    sizes its threads' default stacks) works as without samepage: the
+    agent's calls on the program's threads, and the agent's own thread,
+    fit.  Its pages merge, merge again once written, and unmerge, with
+    every byte intact.  (Sending a message took 64 KiB of stack, and
+    merging written pages again about 60 KiB of the agent thread's.)"""
+    n = 3000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, prog=["prlimit", "--stack=65536", MEMFILL])
+        converge(e.d, "pages_sharing", n)
+        check(shared(a, b) == n, f"{shared(a, b)} of {n} shared")
+        for p in (a, b):
+            p.ok(f"fill 5 0 {n}")
+        merged_again_intact(a, b, n, 5, 30)
+        for p in (a, b):
+            p.ok("unmerge")
+        check(shared(a, b) == 0, "shared after MADV_UNMERGEABLE")
+        a.ok("check 5 0 7")
+        a.ok(f"check 5 8 {n - 8}")
+        b.ok(f"check 5 0 {n}")
+
+
 def test_merge_again_while_writing():
     """Pages written after a merge with the same bytes are made anonymous
     again to be merged (each batch of them held 100 ms between the copies
@@ -1146,6 +1169,7 @@ if __name__ == "__main__":
         test_remote_reads_never_see_wrong_bytes,
         test_pinned_never_merged,
         test_written_pages_merge_again,
+        test_small_stack,
         test_merge_again_while_writing,
         test_twin_dies_with_the_program,
         test_pinned_written_pages_not_merged_again,
