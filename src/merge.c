@@ -1166,16 +1166,18 @@ static int copy_run(struct sp_agent *a, uintptr_t m, uintptr_t src,
 		       ? 0 : -1;
 }
 
-/* The end of the run of pages from k that follow one another in memory
- * and have on[] set. */
-static size_t run_end(const uintptr_t *pg, const uint8_t *on, size_t k,
-		      size_t n)
+/* The stretch of pages from k, to *e: the run of pages with on[] set
+ * that follow one another in memory, or page k alone if it is off.
+ * Returns on[k]. */
+static bool run_at(const uintptr_t *pg, const uint8_t *on, size_t k,
+		   size_t n, size_t *e)
 {
-	size_t e = k + 1;
-
-	while (e < n && on[e] && pg[e] == pg[e - 1] + SP_PAGE)
-		e++;
-	return e;
+	*e = k + 1;
+	if (!on[k])
+		return false;
+	while (*e < n && on[*e] && pg[*e] == pg[*e - 1] + SP_PAGE)
+		(*e)++;
+	return true;
 }
 
 /*
@@ -1204,11 +1206,10 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 	for (k = 0; k < n; k = e) {
 		size_t len;
 
-		if (!rw[k]) {
-			e = k + 1;
+		if (!run_at(pg, rw, k, n, &e))
 			continue;
-		}
-		e = k < single_to ? k + 1 : run_end(pg, rw, k, n);
+		if (k < single_to)
+			e = k + 1;
 		ok = budget_allows(a, 2);
 		if (ok && uffd_register(a->uffd, pg[k], (e - k) * SP_PAGE,
 					UFFDIO_REGISTER_MODE_WP) < 0) {
@@ -1243,11 +1244,8 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 	/* only these pages go to the twin; one of a MADV_DONTFORK range
 	 * (QEMU's guest RAM) would be left out, and look pinned */
 	for (k = 0; k < n; k = e) {
-		if (!cand[k]) {
-			e = k + 1;
+		if (!run_at(pg, cand, k, n, &e))
 			continue;
-		}
-		e = run_end(pg, cand, k, n);
 		if (sys_madvise((void *)pg[k], (e - k) * SP_PAGE,
 				MADV_DOFORK) == 0)
 			memset(fork_too + k, 1, e - k);
@@ -1269,11 +1267,8 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		size_t len;
 		long m;
 
-		if (!cand[k]) {
-			e = k + 1;
+		if (!run_at(pg, cand, k, n, &e))
 			continue;
-		}
-		e = run_end(pg, cand, k, n);
 		len = (e - k) * SP_PAGE;
 		m = syscall(SYS_mmap, 0, len, PROT_READ | PROT_WRITE,
 			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -1311,11 +1306,8 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		bool keep = false, seen;
 		size_t len;
 
-		if (!copied[k]) {
-			e = k + 1;
+		if (!run_at(pg, copied, k, n, &e))
 			continue;
-		}
-		e = run_end(pg, copied, k, n);
 		seen = sp_pagemap_read(a->pagemap, pg[k], e - k, pm + k) == 0;
 		for (q = k; q < e; q++) {
 			bool copy = seen && cow_copy(pm[q]);
@@ -1363,11 +1355,8 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		twin_end(pid);
 	}
 	for (k = 0; k < n; k = e) {
-		if (!reg[k]) {
-			e = k + 1;
+		if (!run_at(pg, reg, k, n, &e))
 			continue;
-		}
-		e = run_end(pg, reg, k, n);
 		uffd_wake(a->uffd, pg[k], (e - k) * SP_PAGE);
 		/* (a replaced page is registered no more) */
 		for (size_t r = k, re; r < e; r = re) {
