@@ -78,11 +78,12 @@ static void pool_lookup_compares_content(void **state)
 /*
  * The content index through growth, and removal from the middle of long
  * probe runs: hashes that share their low 32 bits (the index's tag) in
- * groups of 16, and homes crowded into 4,000 entries.
+ * groups of 16, and homes crowded into the last 4,000 entries, whatever
+ * the index's size, so that runs wrap round its end.
  */
 static uint64_t ix_hash(uint32_t k)
 {
-	return ((uint64_t)k << 32) | ((k / 16) * 97u % 4000u);
+	return ((uint64_t)k << 32) | (0xffffffffu - (k / 16) * 97u % 4000u);
 }
 
 static void ix_page(uint8_t *pg, uint32_t k)
