@@ -751,7 +751,7 @@ SAMEPAGE_API void samepage_shutdown(void)
  * counts it (test_unshare_user_namespace saw EINVAL).  So wait, 100 ms
  * at most, for /proc to stop listing it.
  */
-static void gone(pid_t tid)
+static void wait_until_left(pid_t tid)
 {
 	char path[48];
 
@@ -783,7 +783,7 @@ bool agent_pause(struct sp_agent *a)
 	pthread_mutex_unlock(&a->lock);
 	if (stop) {
 		pthread_join(t, NULL);
-		gone(a->tid);
+		wait_until_left(a->tid);
 	}
 	return stop;
 }
