@@ -100,23 +100,16 @@ static bool mapped(uintptr_t addr, size_t len)
 	return msync((void *)addr, len, MS_ASYNC) == 0 || errno != ENOMEM;
 }
 
-/* Count the lines of /proc/self/maps: the kernel's own map count.
- * Called under the agent lock, also on a program's thread (fork), whose
- * stack may be small: the buffer is static. */
+/* The kernel's own map count.  Called under the agent lock, also on a
+ * program's thread (fork), whose stack may be small (sp_count_maps). */
 void agent_recount_maps(struct sp_agent *a)
 {
-	static char buf[65536];
-	uint64_t n = 0;
-	ssize_t got;
-	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	long got = sp_count_maps(0);
+	uint64_t n;
 
-	if (fd < 0)
+	if (got < 0)
 		return;
-	while ((got = read(fd, buf, sizeof(buf))) > 0)
-		for (char *p = buf; (p = memchr(p, '\n', (size_t)(buf + got - p)));
-		     p++)
-			n++;
-	close(fd);
+	n = (uint64_t)got;
 	a->figs.mappings = n;
 	a->recount_at = n + recount_every;
 	if (a->figs.map_budget > n + 2 * recount_every)

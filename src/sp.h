@@ -67,6 +67,7 @@ struct sp_vma {
 	uint64_t inode;		/* of the file mapped, if file */
 };
 int sp_vma_query(int mapsfd, uintptr_t addr, struct sp_vma *v);
+long sp_count_maps(pid_t pid);
 int sp_default_socket(char *buf, size_t len);
 int sp_mkdir_parent(const char *path);
 int sp_send(int fd, int type, const void *payload, size_t plen);

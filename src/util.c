@@ -291,6 +291,37 @@ uint64_t sp_now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+/*
+ * The kernel's count of mappings of process pid (0: this one): the lines
+ * of its /proc/PID/maps.  -errno if that cannot be read.  The buffer is
+ * static, so that a program thread with a small stack may count (the
+ * agent counts under its lock; the daemon has one thread).
+ */
+long sp_count_maps(pid_t pid)
+{
+	static char buf[65536];
+	char path[64];
+	ssize_t got;
+	long n = 0;
+	int fd;
+
+	if (pid)
+		snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
+	else
+		snprintf(path, sizeof(path), "/proc/self/maps");
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	while ((got = read(fd, buf, sizeof(buf))) > 0)
+		for (char *p = buf; (p = memchr(p, '\n', (size_t)(buf + got - p)));
+		     p++)
+			n++;
+	if (got < 0)
+		n = -errno;
+	close(fd);
+	return n;
+}
+
 int sp_max_map_count(void)
 {
 	FILE *f = fopen("/proc/sys/vm/max_map_count", "re");

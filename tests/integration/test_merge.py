@@ -8,8 +8,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sptest import (PAGE, Env, Skip, all_merged, check,  # noqa: E402
-                    converge, meminfo, pfns, pool_vmas, run_tests, sanitizer_build,
-                    shared, twins, wait_for)
+                    converge, map_count, meminfo, pfns, pool_vmas, run_tests,
+                    sanitizer_build, shared, twins, wait_for)
 
 
 def test_two_processes_share(env=None):
@@ -177,6 +177,12 @@ def test_runs_map_as_one():
                 if "samepage-pool" in r and lo <= s < hi:
                     pages += (t - s) // PAGE
         check(pages == 4096, f"pool VMAs cover {pages} pages, want 4096")
+        # status shows the kernel's count, not the agent's arithmetic,
+        # which counts two for each of the many items mapped
+        procs = {c["pid"]: c for c in e.d.status()["processes"]}
+        for p in (a, b):
+            got, want = procs[p.pid]["mappings"], map_count(p.pid)
+            check(got == want, f"status: {got} mappings, kernel {want}")
 
 
 def test_one_content_maps_by_blocks():
