@@ -63,7 +63,7 @@ static const uint64_t recount_every = 512;
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
- * latepin, nopincheck, notwin and noreclaim.  Read once; merges run one at a time
+ * latepin, nopincheck, notwin, noreclaim and regrun.  Read once; merges run one at a time
  * under the agent lock. */
 bool agent_fault(const char *what)
 {
@@ -1204,8 +1204,9 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		if (k < single_to)
 			e = k + 1;
 		ok = budget_allows(a, 2);
-		if (ok && uffd_register(a->uffd, pg[k], (e - k) * SP_PAGE,
-					UFFDIO_REGISTER_MODE_WP) < 0) {
+		if (ok && ((e > k + 1 && agent_fault("regrun")) ||
+			   uffd_register(a->uffd, pg[k], (e - k) * SP_PAGE,
+					 UFFDIO_REGISTER_MODE_WP) < 0)) {
 			ok = false;
 			if (e > k + 1) {
 				/* one of the run's mappings cannot be:

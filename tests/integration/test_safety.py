@@ -309,6 +309,21 @@ def test_written_pages_merge_again():
         check(b.ok("wait") == "0", "the child did not see its region")
 
 
+def test_written_pages_merge_again_a_page_at_a_time():
+    """When a run of written pages cannot be registered as a whole (one
+    of its pages in a mapping userfaultfd refuses), the agent takes the
+    run a page at a time, so that the others still merge again.  Fault
+    regrun fails every registration of a run of more than one page: all
+    the pages still merge again, with every byte intact."""
+    n = 600
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="regrun")
+        converge(e.d, "pages_sharing", n)
+        for p in (a, b):
+            p.ok(f"fill 5 0 {n}")
+        merged_again_intact(a, b, n, 5, 60)
+
+
 def test_small_stack():
     """A program run with a 64 KiB stack limit (RLIMIT_STACK, which also
     sizes its threads' default stacks) works as without samepage: the
@@ -1169,6 +1184,7 @@ if __name__ == "__main__":
         test_remote_reads_never_see_wrong_bytes,
         test_pinned_never_merged,
         test_written_pages_merge_again,
+        test_written_pages_merge_again_a_page_at_a_time,
         test_small_stack,
         test_merge_again_while_writing,
         test_twin_dies_with_the_program,
