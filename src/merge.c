@@ -318,7 +318,7 @@ static void reapply_flags(struct sp_agent *a, uintptr_t s, size_t len)
  */
 static void break_cow(struct sp_agent *a, uintptr_t p, size_t n)
 {
-	uint64_t pm[SP_ITEM_PAGES];
+	static uint64_t pm[SP_ITEM_PAGES];	/* under the agent lock */
 
 	if (!agent_fault("breakcow") &&
 	    sys_madvise((void *)p, n * SP_PAGE, MADV_POPULATE_WRITE) == 0)
@@ -1493,7 +1493,7 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 /* Are the n pages at p all pool pages, present? */
 static bool all_pool(struct sp_agent *a, uintptr_t p, size_t n)
 {
-	uint64_t pm[SP_ITEM_PAGES];
+	static uint64_t pm[SP_ITEM_PAGES];	/* under the agent lock */
 
 	if (sp_pagemap_read(a->pagemap, p, n, pm) < 0)
 		return false;
@@ -1589,9 +1589,13 @@ static bool reads_zero(struct sp_agent *a, uintptr_t q)
 	       sp_page_is_zero(page);
 }
 
+/* Under the agent lock, also on a program's thread (an interposed
+ * MADV_UNMERGEABLE), whose stack may be small: the buffers here and in
+ * anonymize, all_pool and break_cow are static (each function its own,
+ * since they nest). */
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
 {
-	uint64_t pm[SP_ITEM_PAGES];
+	static uint64_t pm[SP_ITEM_PAGES];
 
 	while (s < e) {
 		size_t n = (e - s) / SP_PAGE, i, j;

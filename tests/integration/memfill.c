@@ -12,6 +12,9 @@
  *   mapmalloc N           the region from posix_memalign (malloc's mmap)
  *   freemalloc            free(3) it (glibc unmaps it itself)
  *   merge | unmerge       madvise(MADV_MERGEABLE / MADV_UNMERGEABLE)
+ *   stackused ADVICE      madvise(ADVICE, a number) over the region on a
+ *                         thread with a 64 KiB stack of this program's;
+ *                         "ok BYTES": how much of that stack it used
  *   prctl V | getprctl    PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE
  *   dup2high LO HI        dup2 /dev/null onto every descriptor from LO to HI,
  *                         as a program placing its files at fixed numbers
@@ -820,6 +823,43 @@ static void reply(int r)
 		printf("ok\n");
 }
 
+/* stackused: the thread's stack is painted first; what it used is the
+ * part no longer painted, from its low end up. */
+#define STACK_BYTES 65536
+static int stack_advice;
+
+static void *stack_advise(void *arg)
+{
+	(void)arg;
+	return (void *)(intptr_t)(madvise(region, npages * PG, stack_advice) ?
+				  -errno : 0);
+}
+
+static long stack_used(int advice)
+{
+	unsigned char *stk = aligned_alloc(PG, STACK_BYTES);
+	pthread_attr_t at;
+	pthread_t t;
+	void *ret;
+	size_t lo = 0;
+
+	if (!stk)
+		return -ENOMEM;
+	memset(stk, 0xAA, STACK_BYTES);
+	stack_advice = advice;
+	pthread_attr_init(&at);
+	pthread_attr_setstack(&at, stk, STACK_BYTES);
+	if (pthread_create(&t, &at, stack_advise, NULL)) {
+		free(stk);
+		return -EAGAIN;
+	}
+	pthread_join(t, &ret);
+	while (lo < STACK_BYTES && stk[lo] == 0xAA)
+		lo++;
+	free(stk);
+	return ret ? (long)(intptr_t)ret : (long)(STACK_BYTES - lo);
+}
+
 int main(int argc, char **argv)
 {
 	char line[512], a1[256];
@@ -876,6 +916,13 @@ int main(int argc, char **argv)
 			printf("ok\n");
 		} else if (!strncmp(line, "merge", 5)) {
 			reply(madvise(region, npages * PG, MADV_MERGEABLE));
+		} else if (sscanf(line, "stackused %lu", &x) == 1) {
+			long used = stack_used((int)x);
+
+			if (used < 0)
+				printf("err stack %ld\n", used);
+			else
+				printf("ok %ld\n", used);
 		} else if (!strncmp(line, "unmerge", 7)) {
 			reply(madvise(region, npages * PG, MADV_UNMERGEABLE));
 		} else if (sscanf(line, "prctl %lu", &x) == 1) {
