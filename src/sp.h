@@ -289,6 +289,10 @@ struct client {
 	uint64_t cow_win_ms, cow_busy_until_ms;
 	uint32_t cow_in_win;
 	struct sp_figs figs;
+	/* status: the kernel's count of its mappings (maps_counted, when the
+	 * agent's own figure was maps_est, at maps_at_ms) and what status
+	 * shows (samepaged.c, count_mappings); done_ms: its last MERGE_DONE */
+	uint64_t maps_counted, maps_est, maps_at_ms, maps_shown, done_ms;
 	struct sp_item pend[SP_BATCH_ITEMS];
 	uint32_t npend, next_batch, ninflight;
 	uint64_t resume;	/* where the scan left it when it was busy */

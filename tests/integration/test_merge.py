@@ -178,11 +178,14 @@ def test_runs_map_as_one():
                     pages += (t - s) // PAGE
         check(pages == 4096, f"pool VMAs cover {pages} pages, want 4096")
         # status shows the kernel's count, not the agent's arithmetic,
-        # which counts two for each of the many items mapped
-        procs = {c["pid"]: c for c in e.d.status()["processes"]}
-        for p in (a, b):
-            got, want = procs[p.pid]["mappings"], map_count(p.pid)
-            check(got == want, f"status: {got} mappings, kernel {want}")
+        # which counts two for each of the many items mapped: read
+        # again a second after the last merge
+        def shown():
+            procs = {c["pid"]: c for c in e.d.status()["processes"]}
+            return [procs[p.pid]["mappings"] for p in (a, b)]
+        want = [map_count(p.pid) for p in (a, b)]
+        wait_for(lambda: shown() == want, 5)
+        check(shown() == want, f"status: {shown()} mappings, kernel {want}")
 
 
 def test_one_content_maps_by_blocks():
