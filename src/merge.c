@@ -606,21 +606,32 @@ static void compare(struct sp_agent *a, const struct sp_item *it,
 
 	for (c = 0; c < n; c += SP_CMP_PAGES) {
 		size_t m = n - c < SP_CMP_PAGES ? n - c : SP_CMP_PAGES;
+		const uint8_t *view = a->pool + (it->pgoff + c) * SP_PAGE;
 		bool copied = !a->no_vm_read && !agent_fault("inplace") &&
 			      read_moved(a, src, in, c, m, mine);
+		bool mapped_in = false;
 
-		if (copied && it->kind == SP_ITEM_POOL &&
-		    pread(a->poolfd, pool, m * SP_PAGE,
-			  (off_t)((it->pgoff + c) * SP_PAGE)) !=
-			    (ssize_t)(m * SP_PAGE))
-			copied = false;
+		/* The pool pages are read in the agent's view of the pool
+		 * once it is mapped in (one call for all; a first touch
+		 * costs a fault a page), else copied (pread) */
+		if (copied && it->kind == SP_ITEM_POOL) {
+			mapped_in = sys_madvise((void *)(uintptr_t)view,
+						m * SP_PAGE,
+						MADV_POPULATE_READ) == 0;
+			if (!mapped_in &&
+			    pread(a->poolfd, pool, m * SP_PAGE,
+				  (off_t)((it->pgoff + c) * SP_PAGE)) !=
+				    (ssize_t)(m * SP_PAGE))
+				copied = false;
+		}
 		for (k = 0; k < m; k++) {
 			size_t i = c + k;
 			/* in place where the copies failed: slower, as good */
 			const uint8_t *pm = copied ? mine + k * SP_PAGE
 						   : src + i * SP_PAGE;
-			const uint8_t *pp = copied ? pool + k * SP_PAGE
-				: a->pool + (it->pgoff + i) * SP_PAGE;
+			const uint8_t *pp = copied && !mapped_in
+						    ? pool + k * SP_PAGE
+						    : view + k * SP_PAGE;
 
 			eq[i] = in[i] && !agent_fault("differ") &&
 				(copied || src == a->slot) &&
