@@ -63,8 +63,8 @@ static const uint64_t recount_every = 512;
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
- * latepin, nopincheck, notwin, noreclaim and regrun.  Read once; merges run one at a time
- * under the agent lock. */
+ * latepin, nopincheck, notwin, noreclaim and regrun.  Read once; merges
+ * run one at a time under the agent lock. */
 bool agent_fault(const char *what)
 {
 	static const char *f;
@@ -606,7 +606,8 @@ static void compare(struct sp_agent *a, const struct sp_item *it,
 
 	for (c = 0; c < n; c += SP_CMP_PAGES) {
 		size_t m = n - c < SP_CMP_PAGES ? n - c : SP_CMP_PAGES;
-		const uint8_t *view = a->pool + (it->pgoff + c) * SP_PAGE;
+		const uint8_t *view = it->kind == SP_ITEM_POOL
+				? a->pool + (it->pgoff + c) * SP_PAGE : NULL;
 		bool copied = !a->no_vm_read && !agent_fault("inplace") &&
 			      read_moved(a, src, in, c, m, mine);
 		bool mapped_in = false;
@@ -629,7 +630,8 @@ static void compare(struct sp_agent *a, const struct sp_item *it,
 			/* in place where the copies failed: slower, as good */
 			const uint8_t *pm = copied ? mine + k * SP_PAGE
 						   : src + i * SP_PAGE;
-			const uint8_t *pp = copied && !mapped_in
+			const uint8_t *pp = !view ? NULL
+					    : copied && !mapped_in
 						    ? pool + k * SP_PAGE
 						    : view + k * SP_PAGE;
 
