@@ -45,7 +45,9 @@
  *   rawunmap FIRST N      the same with syscall(2), bypassing libc
  *   rawremap FIRST N      raw munmap, then a fresh anonymous mapping in
  *                         its place by raw mmap (free(3) and malloc(3)
- *                         do that, bypassing the interposers)
+ *                         do that, bypassing the interposers); the mmap
+ *                         is tried again for 1 s while another mapping
+ *                         (the agent's, for a moment) is in the hole
  *   mremap N              move/resize the region; answers the address
  *   hammer T SECONDS [keep [PAUSE_US]]
  *                         T threads write, read back and restore words
@@ -968,16 +970,23 @@ int main(int argc, char **argv)
 					   y * PG));
 		} else if (sscanf(line, "rawremap %lu %lu", &x, &y) == 2) {
 			void *at = region + x * PG;
+			long m = -1;
 
-			if (syscall(SYS_munmap, at, y * PG) < 0 ||
-			    (void *)syscall(SYS_mmap, at, y * PG,
-					    PROT_READ | PROT_WRITE,
-					    MAP_PRIVATE | MAP_ANONYMOUS |
-						    MAP_FIXED_NOREPLACE,
-					    -1, 0) != at)
-				printf("err\n");
-			else
-				printf("ok\n");
+			/* EEXIST: another thread's mapping took the hole; the
+			 * agent's short-lived copies (held 20 or 100 ms under
+			 * the slow* faults) leave it again: retried for 1 s */
+			if (syscall(SYS_munmap, at, y * PG) == 0)
+				for (int t = 0; t < 100; t++) {
+					m = syscall(SYS_mmap, at, y * PG,
+						    PROT_READ | PROT_WRITE,
+						    MAP_PRIVATE | MAP_ANONYMOUS |
+							    MAP_FIXED_NOREPLACE,
+						    -1, 0);
+					if (m != -1 || errno != EEXIST)
+						break;
+					usleep(10000);
+				}
+			printf((void *)m == at ? "ok\n" : "err\n");
 		} else if (sscanf(line, "mlockall %lu", &x) == 1) {
 			reply(mlockall((int)x));
 		} else if (!strncmp(line, "munlockall", 10)) {
