@@ -825,6 +825,27 @@ static void reply(int r)
 		printf("ok\n");
 }
 
+/* "err ERRNO" and the lines of /proc/self/maps that overlap
+ * [at, at + len), on one line */
+static void err_with_maps(int e, uintptr_t at, size_t len)
+{
+	FILE *f = fopen("/proc/self/maps", "re");
+	char l[512];
+
+	printf("err %d", e);
+	while (f && fgets(l, sizeof(l), f)) {
+		unsigned long s, t;
+
+		l[strcspn(l, "\n")] = 0;
+		if (sscanf(l, "%lx-%lx", &s, &t) == 2 && t > at &&
+		    s < at + len)
+			printf(" | %s", l);
+	}
+	if (f)
+		fclose(f);
+	printf("\n");
+}
+
 /* stackused: the thread's stack is painted first; what it used is the
  * part no longer painted, from its low end up. */
 #define STACK_BYTES 65536
@@ -986,7 +1007,10 @@ int main(int argc, char **argv)
 						break;
 					usleep(10000);
 				}
-			printf((void *)m == at ? "ok\n" : "err\n");
+			if ((void *)m == at)
+				printf("ok\n");
+			else	/* what is in the way, for the test's report */
+				err_with_maps(errno, (uintptr_t)at, y * PG);
 		} else if (sscanf(line, "mlockall %lu", &x) == 1) {
 			reply(mlockall((int)x));
 		} else if (!strncmp(line, "munlockall", 10)) {
