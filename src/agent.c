@@ -573,14 +573,6 @@ static int open_uffd(struct sp_agent *a)
 }
 
 /*
- * The agent's thread blocks every signal.  A signal sent to the process
- * goes to any thread that does not block it: programs that block one in
- * their threads to take it with sigwait or signalfd (QEMU does so with
- * SIGIO and SIGALRM) would lose it to ours, or die of its default
- * action.  And a handler run here would wait forever on a page this
- * thread has moved out, or on the agent lock it holds.
- */
-/*
  * The agent thread's stack, whatever the program's default: glibc sizes
  * a thread's stack by RLIMIT_STACK (or pthread_setattr_default_np), and
  * merging written pages again takes about 60 KiB of it (arrays of
@@ -589,6 +581,14 @@ static int open_uffd(struct sp_agent *a)
  */
 static const size_t agent_stack = 1 << 20;
 
+/*
+ * The agent's thread blocks every signal.  A signal sent to the process
+ * goes to any thread that does not block it: programs that block one in
+ * their threads to take it with sigwait or signalfd (QEMU does so with
+ * SIGIO and SIGALRM) would lose it to ours, or die of its default
+ * action.  And a handler run here would wait forever on a page this
+ * thread has moved out, or on the agent lock it holds.
+ */
 static int start_thread(struct sp_agent *a)
 {
 	sigset_t all, old;

@@ -1125,25 +1125,6 @@ static bool cow_copy(uint64_t pm)
 }
 
 /*
- * Pages the program wrote after they were merged hold private copies,
- * left in the mapping of the pool file, where UFFDIO_MOVE cannot take
- * them: they could never merge again, even when their bytes come to
- * equal another page's again.  Here such pages (pg[0..n), one each, in
- * read-write mappings) are copied into fresh anonymous mappings put in
- * their place (mremap), as anonymize does, so that they can.  A page
- * pinned for I/O must not be: the device would go on writing into the
- * old page.  So the pages are write-protected first (no new pin for
- * writing can be taken; writes wait), then a twin (above) tells which
- * may be pinned, and only the others are replaced, each after a last
- * look that it is still shared with the twin, which lives until then (a
- * pin for reading taken meanwhile would have made it the program's own).  done[k]: page k is
- * in an anonymous mapping now, its bytes unchanged; later[k]: it may be
- * pinned, or a step failed that may not fail next time (the mapping
- * budget, a twin or a copy that could not be made): worth trying again
- * after the daemon's wait.  Neither: not a private copy in a read-write
- * pool mapping (any more); left alone.
- */
-/*
  * Copy len bytes of the program's pages at src into the new mapping m,
  * without a pin: a pin (as process_vm_readv takes) would give the program
  * a copy of its own of a page it shares with the twin, and it would look
@@ -1187,6 +1168,24 @@ static bool run_at(const uintptr_t *pg, const uint8_t *on, size_t k,
 }
 
 /*
+ * Pages the program wrote after they were merged hold private copies,
+ * left in the mapping of the pool file, where UFFDIO_MOVE cannot take
+ * them: they could never merge again, even when their bytes come to
+ * equal another page's again.  Here such pages (pg[0..n), one each, in
+ * read-write mappings) are copied into fresh anonymous mappings put in
+ * their place (mremap), as anonymize does, so that they can.  A page
+ * pinned for I/O must not be: the device would go on writing into the
+ * old page.  So the pages are write-protected first (no new pin for
+ * writing can be taken; writes wait), then a twin (above) tells which
+ * may be pinned, and only the others are replaced, each stretch after a
+ * last look that its pages are still shared with the twin, which lives
+ * until then (a pin for reading taken meanwhile would have made a page
+ * the program's own).  done[k]: page k is in an anonymous mapping now,
+ * its bytes unchanged; later[k]: it may be pinned, or a step failed that
+ * may not fail next time (the mapping budget, a twin or a copy that could
+ * not be made): worth trying again after the daemon's wait.  Neither: not
+ * a private copy in a read-write pool mapping (any more); left alone.
+ *
  * Each step works on runs of consecutive pages, one system call a run:
  * a run written after its merge (a guest rewriting its memory) is
  * write-protected with one TLB flush and put back with one mremap, where
@@ -1603,9 +1602,9 @@ static bool reads_zero(struct sp_agent *a, uintptr_t q)
 }
 
 /* Under the agent lock, also on a program's thread (an interposed
- * MADV_UNMERGEABLE), whose stack may be small: the buffers here and in
- * anonymize, all_pool and break_cow are static (each function its own,
- * since they nest). */
+ * MADV_UNMERGEABLE), whose stack may be small: the pagemap buffers here
+ * and in all_pool and break_cow are static (each function its own, since
+ * they nest). */
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e)
 {
 	static uint64_t pm[SP_ITEM_PAGES];

@@ -185,10 +185,10 @@ _Static_assert(sizeof(struct sp_hdr) + sizeof(struct sp_merge_done) +
 
 /* 0 and *out filled, or -EBADMSG / -EPROTO (version). */
 int sp_decode(const void *buf, size_t n, struct sp_msg *out);
-/* Write header + payload into buf; returns total length or -EMSGSIZE. */
 /* The header of a packet of type with plen payload bytes; -EMSGSIZE if
  * it would not fit in SP_MSG_MAX. */
 int sp_header(struct sp_hdr *h, int type, size_t plen);
+/* Write header + payload into buf; returns total length or -EMSGSIZE. */
 int sp_encode(void *buf, size_t cap, int type, const void *payload,
 	      size_t plen);
 
