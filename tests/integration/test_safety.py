@@ -331,8 +331,9 @@ def test_small_stack():
     fit.  Its pages merge, merge again once written, and unmerge, with
     every byte intact.  (Sending a message took 64 KiB of stack, and
     merging written pages again about 60 KiB of the agent thread's.)
-    MADV_UNMERGEABLE takes little of the calling thread's stack (it took
-    8.6 KiB more than MADV_NORMAL; 3.2 KiB with its buffers static)."""
+    MADV_UNMERGEABLE takes little of the calling thread's stack: about
+    8.5 KiB more than MADV_NORMAL did, about 3 KiB with its buffers
+    static."""
     n = 3000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
         a, b = twins(e, n, prog=["prlimit", "--stack=65536", MEMFILL])
@@ -1079,8 +1080,8 @@ def test_mlockall_while_merged():
     program's memory is locked, the kernel's answers to the program stay
     its own (MADV_DONTNEED on locked memory: EINVAL), and every byte is
     intact.  The pages mlockall gave private copies merge again, locked,
-    as under KSM.  Under ASan or TSan, whose mlockall does nothing and answers
-    0, nothing is taken for locked: MADV_DONTNEED gives zeros."""
+    as under KSM.  Under ASan or TSan, whose mlockall does nothing and
+    answers 0, nothing is taken for locked: MADV_DONTNEED gives zeros."""
     n = 3000
     with Env() as e:
         a, b = twins(e, n)
