@@ -428,6 +428,15 @@ static int map_pool_and_scratch(struct sp_agent *a)
 		}
 		sys_madvise(a->scratch, slen, MADV_NOHUGEPAGE);
 	}
+	if (!a->stage) {
+		a->stage = own_map(SP_STAGE_MAP, PROT_NONE,
+				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+				   -1, false);
+		if (a->stage == MAP_FAILED) {
+			a->stage = NULL;
+			return -errno;
+		}
+	}
 	if (!a->cmpbuf) {
 		a->cmpbuf = sys_mmap(NULL, 2 * SP_CMP_PAGES * SP_PAGE,
 				     PROT_READ | PROT_WRITE,
@@ -511,7 +520,9 @@ bool agent_owns(const struct sp_agent *a, uintptr_t s, uintptr_t e)
 	     e > (uintptr_t)a->scratch) ||
 	    (a->cmpbuf && s < (uintptr_t)a->cmpbuf +
 				      2 * SP_CMP_PAGES * SP_PAGE &&
-	     e > (uintptr_t)a->cmpbuf))
+	     e > (uintptr_t)a->cmpbuf) ||
+	    (a->stage && s < (uintptr_t)a->stage + SP_STAGE_MAP &&
+	     e > (uintptr_t)a->stage))
 		return true;
 	for (size_t i = 0; i < a->nown; i++)
 		if (s < a->own[i][1] && e > a->own[i][0])

@@ -63,7 +63,8 @@ static const uint64_t recount_every = 512;
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
- * latepin, nopincheck, notwin, noreclaim and regrun.  Read once; merges
+ * latepin, nopincheck, notwin, noreclaim, regrun and nostage.  Read
+ * once; merges
  * run one at a time under the agent lock. */
 bool agent_fault(const char *what)
 {
@@ -442,6 +443,82 @@ static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n)
 }
 
 /*
+ * The stage.  The agent's short-lived mappings (copies of pages it
+ * unmerges or merges again, pool pages staged under mlockall) are made
+ * in a window it keeps reserved, never where the kernel would place
+ * them: there one could land in a hole the program has just made with a
+ * raw munmap (libc's, in free), a raw mmap(MAP_FIXED) of the program's
+ * into its hole would replace it, and the agent would move the
+ * program's new mapping over the pages it meant to replace
+ * (test_agent_maps_nothing_in_holes: a copy of 2 MiB came into a hole of
+ * 4 MiB every time).  The window stays mapped all along, reserved
+ * (PROT_NONE, nothing allocated) where nothing is staged, so nothing else
+ * can come into it, and MAP_FIXED there replaces only the agent's own.
+ * Where a part of the window could not be kept (stage_move), the window
+ * is not used again, and what needs it is not done: fewer pages merge,
+ * or unmerge in place (break_cow).
+ */
+static long stage_map(struct sp_agent *a, size_t off, size_t len, int prot,
+		      int flags, int fd, off_t foff)
+{
+	long t;
+
+	if (agent_fault("nostage"))	/* as once a part was lost */
+		a->stage_lost = 1;
+	if (!a->stage || a->stage_lost || off + len > SP_STAGE_MAP) {
+		errno = ENOMEM;
+		return -1;
+	}
+	t = syscall(SYS_mmap, a->stage + off, len, prot, flags | MAP_FIXED,
+		    fd, foff);
+	/* a failed MAP_FIXED may have cleared the range first */
+	if (t == -1 && !mapped((uintptr_t)a->stage + off, len))
+		a->stage_lost = 1;
+	return t;
+}
+
+/* [t, t + len) of the window reserved again (whatever was staged there
+ * is dropped). */
+static void stage_drop(struct sp_agent *a, long t, size_t len)
+{
+	if (syscall(SYS_mmap, t, len, PROT_NONE,
+		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1,
+		    0) != t &&
+	    !mapped((uintptr_t)t, len)) {
+		log_warn("the agent's window lost a part at %#lx",
+			 (unsigned long)t);
+		a->stage_lost = 1;
+	}
+}
+
+/*
+ * mremap [t, t + len) of the window over [dst, dst + len), and take the
+ * hole it leaves back at once (MAP_FIXED_NOREPLACE).  Another thread's
+ * mmap that the kernel placed there in between (microseconds) keeps it,
+ * and the window is not used again.  Not MREMAP_DONTUNMAP, which would
+ * leave no hole: it clears VM_LOCKED on the whole source VMA, which here
+ * may hold the other copies of a batch still to be moved (neighbouring
+ * mappings merge), and under mlockall they would come out unlocked
+ * (QEMU with mem-lock=on: 626 of its guest RAM's mappings, and the pages
+ * did not merge again, UFFDIO_MOVE refusing an unlocked source).
+ */
+static bool stage_move(struct sp_agent *a, long t, size_t len, uintptr_t dst)
+{
+	if (syscall(SYS_mremap, t, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
+		    dst) != (long)dst)
+		return false;
+	if (syscall(SYS_mmap, t, len, PROT_NONE,
+		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE |
+			    MAP_FIXED_NOREPLACE,
+		    -1, 0) != t) {
+		log_warn("the agent's window lost a part at %#lx; copies are "
+			 "no longer made", (unsigned long)t);
+		a->stage_lost = 1;
+	}
+	return true;
+}
+
+/*
  * After mlockall(MCL_FUTURE) a new mapping is locked and faulted in at
  * once, for writing where it is writable: the pool pages would be
  * copied before anyone wrote them.  So the pool pages are mapped
@@ -453,18 +530,17 @@ static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n)
 static void *map_staged(struct sp_agent *a, uintptr_t addr, size_t len,
 			int prot, uint64_t pgoff)
 {
-	long t = syscall(SYS_mmap, 0, len, PROT_NONE, MAP_PRIVATE, a->poolfd,
-			 (off_t)(pgoff * SP_PAGE));
+	long t = stage_map(a, 0, len, PROT_NONE, MAP_PRIVATE, a->poolfd,
+			   (off_t)(pgoff * SP_PAGE));
 	int err;
 
 	if (t == -1)
 		return MAP_FAILED;
 	if (agent_settle((void *)t, len, prot, a->scratch_locked) == 0 &&
-	    syscall(SYS_mremap, t, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
-		    addr) == (long)addr)
+	    stage_move(a, t, len, addr))
 		return (void *)addr;
 	err = errno;
-	syscall(SYS_munmap, t, len);
+	stage_drop(a, t, len);
 	errno = err;
 	return MAP_FAILED;
 }
@@ -995,6 +1071,7 @@ static int merge_wp(struct sp_agent *a, const struct sp_item *it,
  * and 23 ms at most over 256 reclaims (cow-storm, 2026-12-04).
  */
 #define AGAIN_PAGES 1024
+_Static_assert(AGAIN_PAGES <= SP_STAGE_PAGES, "a reclaim's copies fit the stage");
 
 /*
  * A process made only to be looked at, sharing the program's memory
@@ -1280,14 +1357,15 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		if (!run_at(pg, cand, k, n, &e))
 			continue;
 		len = (e - k) * SP_PAGE;
-		m = syscall(SYS_mmap, 0, len, PROT_READ | PROT_WRITE,
-			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		/* (each page's copy at its own offset: n <= SP_STAGE_PAGES) */
+		m = stage_map(a, k * SP_PAGE, len, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 		if (m == -1) {
 			memset(later + k, 1, e - k);
 			continue;
 		}
 		if (copy_run(a, (uintptr_t)m, pg[k], len) < 0) {
-			syscall(SYS_munmap, m, len);
+			stage_drop(a, m, len);
 			memset(later + k, 1, e - k);
 			continue;
 		}
@@ -1335,9 +1413,7 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		}
 		e = q;		/* the stretch; the rest is looked at again */
 		len = (e - k) * SP_PAGE;
-		if (keep && syscall(SYS_mremap, t[k], len, len,
-				    MREMAP_MAYMOVE | MREMAP_FIXED,
-				    pg[k]) == (long)pg[k]) {
+		if (keep && stage_move(a, (long)t[k], len, pg[k])) {
 			a->figs.mappings += 2;
 			reapply_flags(a, pg[k], len);
 			memset(done + k, 1, e - k);
@@ -1345,7 +1421,7 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 		}
 		/* not ours to place, or ENOMEM (the kernel's own mapping
 		 * limit): the copies go */
-		syscall(SYS_munmap, t[k], len);
+		stage_drop(a, (long)t[k], len);
 		if (keep)
 			memset(later + k, 1, e - k);
 	}
@@ -1554,8 +1630,8 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 		goto out;
 	/* Raw system calls: a sanitizer's interceptors would take these
 	 * bytes for the agent's, and the program's later use for races. */
-	t = syscall(SYS_mmap, 0, len, PROT_READ | PROT_WRITE,
-		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	t = stage_map(a, 0, len, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	/* populated first: one call, not a page fault per page of the copy */
 	if (t == -1 || syscall(SYS_madvise, t, len, MADV_POPULATE_WRITE) < 0)
 		goto out;
@@ -1575,15 +1651,14 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 	 * the mremap stays open. */
 	if (!all_pool(a, p, n))
 		goto out;
-	if (syscall(SYS_mremap, t, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
-		    p) != (long)p)
+	if (!stage_move(a, t, len, p))
 		goto out;
 	t = -1;
 	reapply_flags(a, p, len);
 	ok = true;
 out:
 	if (t != -1)
-		syscall(SYS_munmap, t, len);
+		stage_drop(a, t, len);
 	if (rw) {
 		uffd_wake(a->uffd, p, len);
 		uffd_unregister(a->uffd, p, len);	/* if it failed */

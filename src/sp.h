@@ -144,6 +144,11 @@ int uffd_is_hole(int uffd, uintptr_t dst, uintptr_t hole, size_t len);
 #define SP_SCRATCH_MAP ((SP_SCRATCH_PAGES + SP_ITEM_PAGES) * SP_PAGE)
 /* Pages compared at a time, through copies made by the kernel. */
 #define SP_CMP_PAGES 64
+/* The stage: a window the agent keeps reserved for its short-lived
+ * mappings (merge.c, stage_map), as big as the most it holds at once:
+ * the copies of one reclaim (AGAIN_PAGES). */
+#define SP_STAGE_PAGES 1024
+#define SP_STAGE_MAP (SP_STAGE_PAGES * SP_PAGE)
 
 /* (older headers) */
 #ifndef MADV_DONTNEED_LOCKED
@@ -183,6 +188,8 @@ struct sp_agent {
 	uint8_t *slot;		/* the current item's part of scratch */
 	size_t scratch_used;	/* pages of scratch holding old pages */
 	uint8_t *cmpbuf;	/* 2 * SP_CMP_PAGES pages: moved, pool */
+	uint8_t *stage;		/* SP_STAGE_MAP bytes, reserved (merge.c) */
+	int stage_lost;		/* part of it could not be kept: unused */
 	int no_vm_read;		/* process_vm_readv refused: compare in place */
 	/* Memory the agent touches while it merges, besides scratch, cmpbuf
 	 * and the region table: its thread's stack and this library's

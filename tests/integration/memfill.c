@@ -47,7 +47,13 @@
  *                         its place by raw mmap (free(3) and malloc(3)
  *                         do that, bypassing the interposers); the mmap
  *                         is tried again for 1 s while another mapping
- *                         (the agent's, for a moment) is in the hole
+ *                         is in the hole
+ *   holewatch FIRST N MS  raw munmap, then watch the hole for MS ms:
+ *                         nothing may be mapped into it but by this
+ *                         program (the agent's own short-lived mappings
+ *                         must stay out); then the hole is mapped again
+ *                         (zeros).  "ok", or "err taken" and the
+ *                         mapping seen there
  *   mremap N              move/resize the region; answers the address
  *   hammer T SECONDS [keep [PAUSE_US]]
  *                         T threads write, read back and restore words
@@ -116,6 +122,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -846,6 +853,51 @@ static void err_with_maps(int e, uintptr_t at, size_t len)
 	printf("\n");
 }
 
+#ifndef PROCMAP_QUERY		/* Linux 6.11; older headers lack it */
+struct procmap_query {
+	uint64_t size, query_flags, query_addr;
+	uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset;
+	uint64_t inode;
+	uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+	uint64_t vma_name_addr, build_id_addr;
+};
+#define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
+#endif
+#define QUERY_COVERING_OR_NEXT 0x10
+
+/* holewatch: 0 while [at, at + len) stays empty for ms, else what came
+ * into it (*s, *e: the mapping).  One PROCMAP_QUERY every 100 us. */
+static int watch_hole(uintptr_t at, size_t len, unsigned ms,
+		      unsigned long *s, unsigned long *e)
+{
+	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	struct timespec t0, t;
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	do {
+		struct procmap_query q = {
+			.size = sizeof(q), .query_addr = at,
+			.query_flags = QUERY_COVERING_OR_NEXT,
+		};
+
+		if (ioctl(fd, PROCMAP_QUERY, &q) == 0 &&
+		    q.vma_start < at + len) {
+			*s = q.vma_start;
+			*e = q.vma_end;
+			r = 1;
+			break;
+		}
+		usleep(100);
+		clock_gettime(CLOCK_MONOTONIC, &t);
+	} while ((t.tv_sec - t0.tv_sec) * 1000 +
+			 (t.tv_nsec - t0.tv_nsec) / 1000000 < (long)ms);
+	close(fd);
+	return r;
+}
+
 /* stackused: the thread's stack is painted first; what it used is the
  * part no longer painted, from its low end up. */
 #define STACK_BYTES 65536
@@ -887,6 +939,7 @@ int main(int argc, char **argv)
 {
 	char line[512], a1[256];
 	unsigned long x, y, z, w, v;
+	unsigned ms;
 	double secs;
 	int k;
 
@@ -993,9 +1046,9 @@ int main(int argc, char **argv)
 			void *at = region + x * PG;
 			long m = -1;
 
-			/* EEXIST: another thread's mapping took the hole; the
-			 * agent's short-lived copies (held 20 or 100 ms under
-			 * the slow* faults) leave it again: retried for 1 s */
+			/* EEXIST: another thread's mapping took the hole
+			 * (never the agent's copies, which it makes in a window
+			 * of its own: holewatch): retried for 1 s */
 			if (syscall(SYS_munmap, at, y * PG) == 0)
 				for (int t = 0; t < 100; t++) {
 					m = syscall(SYS_mmap, at, y * PG,
@@ -1011,6 +1064,38 @@ int main(int argc, char **argv)
 				printf("ok\n");
 			else	/* what is in the way, for the test's report */
 				err_with_maps(errno, (uintptr_t)at, y * PG);
+		} else if (sscanf(line, "holewatch %lu %lu %u", &x, &y,
+				  &ms) == 3) {
+			void *at = region + x * PG;
+			unsigned long s = 0, t = 0;
+			long m = -1;
+			int got = syscall(SYS_munmap, at, y * PG) == 0
+					? watch_hole((uintptr_t)at, y * PG, ms,
+						     &s, &t)
+					: -errno;
+
+			/* mapped again (and retried, as rawremap) so that the
+			 * test can go on */
+			for (int i = 0; i < 100 && got >= 0; i++) {
+				m = syscall(SYS_mmap, at, y * PG,
+					    PROT_READ | PROT_WRITE,
+					    MAP_PRIVATE | MAP_ANONYMOUS |
+						    MAP_FIXED_NOREPLACE,
+					    -1, 0);
+				if (m != -1 || errno != EEXIST)
+					break;
+				usleep(10000);
+			}
+			if (got < 0)
+				printf("err munmap %d\n", -got);
+			else if (got > 0)
+				printf("err taken %#lx-%#lx in the hole "
+				       "%#lx-%#lx\n", s, t, (unsigned long)at,
+				       (unsigned long)at + y * PG);
+			else if ((void *)m != at)
+				err_with_maps(errno, (uintptr_t)at, y * PG);
+			else
+				printf("ok\n");
 		} else if (sscanf(line, "mlockall %lu", &x) == 1) {
 			reply(mlockall((int)x));
 		} else if (!strncmp(line, "munlockall", 10)) {

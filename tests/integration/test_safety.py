@@ -754,6 +754,73 @@ def test_raw_remap_during_unmerge():
         check_remapped(e, a, b, spots, 150)
 
 
+def test_agent_maps_nothing_in_holes():
+    """The agent's own short-lived mappings (the copies it makes while
+    unmerging and merging again) go into a window it keeps reserved,
+    never where the kernel would place them: there they could land in a
+    hole the program has just made with a raw munmap (libc's, in free),
+    and a raw mmap(MAP_FIXED) of the program's into its hole would
+    replace the agent's copy, which the agent would then move over the
+    pages it unmerges: the program's new mapping gone from where it put
+    it, and in its place the copy's bytes over its own.  Holes of 1,024
+    pages (more than any copy) are made while the copies are held 20 ms
+    (unmerging) and 100 ms (merging again), and watched: nothing may
+    come into them, and every byte is intact after."""
+    n = 8192
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="slowunmerge")
+        converge(e.d, "pages_sharing", n)
+        unmerge = threading.Thread(target=e.d.set, kwargs={"run": 2})
+        unmerge.start()
+        spots = range(1024, n, 2048)
+        for first in spots:
+            a.ok(f"holewatch {first} 1024 80")
+        unmerge.join()
+        for first in spots:
+            a.ok(f"check 0 {first} 1024")
+            a.ok(f"check 1 {first - 1024} 1024")
+        b.ok(f"check 1 0 {n}")
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b, before = written_twins(e, n, "slowagain")
+        m0 = int(before["merged"])
+        # once merging again has begun (after the writes' busy wait), in
+        # the upper half, where batches of copies are still to come
+        check(wait_for(lambda: int(a.stats()["merged"]) > m0, 20),
+              "merging again did not begin")
+        spots = range(n // 2, n, 2048)
+        for first in spots:
+            a.ok(f"holewatch {first} 1024 300")
+        check(wait_for(lambda: shared(a, b) >= n - 2048, 30),
+              f"only {shared(a, b)} pages merged again")
+        for first in spots:
+            a.ok(f"check 0 {first} 1024")
+            a.ok(f"check 1 {first + 1024} 1024")
+        b.ok(f"check 1 0 {n}")
+        check(e.d.proc.poll() is None, "daemon died")
+
+
+def test_without_the_window():
+    """Once the agent's window for its copies is lost (another thread's
+    mapping came into it: SAMEPAGE_FAULT=nostage), no copy is made:
+    written pages are not merged again, and unmerging breaks
+    copy-on-write in place.  Every byte stays as written."""
+    n = 2000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b, _ = written_twins(e, n, "nostage")
+        b.ok(f"fill 1 0 {n}")
+        time.sleep(4)   # past the writes' busy wait, and some passes
+        check(shared(a, b) == 0,
+              f"{shared(a, b)} written pages merged again without copies")
+        a.ok(f"check 1 0 {n}")
+        e.d.set(run=2)
+        check(shared(a, b) == 0, "pages shared after run=2")
+        excl = sum(1 for m in a.pagemap() if m[0] and not m[1])
+        check(excl == n, f"{excl} of {n} pages private after run=2")
+        for p in (a, b):
+            p.ok(f"check 1 0 {n}")
+        check(e.d.proc.poll() is None, "daemon died")
+
+
 def test_raw_remap_during_merge_again():
     """The same while pages written after their merge are made anonymous
     again to be merged (each batch held 100 ms between its copies and
@@ -1222,6 +1289,8 @@ if __name__ == "__main__":
         test_raw_remap_during_merge,
         test_raw_remap_during_unmerge,
         test_raw_remap_during_merge_again,
+        test_agent_maps_nothing_in_holes,
+        test_without_the_window,
         test_kill_daemon_mid_merge,
         test_kill_daemon_and_fork_mid_merge_again,
         test_kill_daemon_mid_unmerge,
