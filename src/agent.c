@@ -121,9 +121,10 @@ int agent_settle(void *p, size_t len, int prot, bool lock)
 	return 0;
 }
 
-static void *own_map(size_t len, int prot, int flags, int fd, bool lock)
+static void *own_map_at(void *at, size_t len, int prot, int flags, int fd,
+			bool lock)
 {
-	void *p = sys_mmap(NULL, len, PROT_NONE, flags, fd, 0);
+	void *p = sys_mmap(at, len, PROT_NONE, flags, fd, 0);
 	int r;
 
 	if (p == MAP_FAILED)
@@ -136,6 +137,43 @@ static void *own_map(size_t len, int prot, int flags, int fd, bool lock)
 	sys_munmap(p, len);
 	errno = -r;
 	return MAP_FAILED;
+}
+
+static void *own_map(size_t len, int prot, int flags, int fd, bool lock)
+{
+	return own_map_at(NULL, len, prot, flags, fd, lock);
+}
+
+/*
+ * The window for the agent's short-lived copies (merge.c, stage_map)
+ * has a hole for a moment whenever a copy leaves it, until the hole is
+ * reserved again.  The kernel places a mapping in the highest gap that
+ * fits, from the top of the mmap area down (or from its base up, in the
+ * legacy layout), so the window goes 256 GiB below where a mapping would
+ * be placed now: no other thread's mmap comes down that far while there
+ * is room above.  Where that address is taken, wherever the kernel puts
+ * it.
+ */
+static void *map_stage(void)
+{
+	const uintptr_t below = (uintptr_t)256 << 30;
+	int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+	void *probe = sys_mmap(NULL, SP_STAGE_MAP, PROT_NONE, flags, -1, 0);
+	void *p;
+
+	if (probe != MAP_FAILED) {
+		sys_munmap(probe, SP_STAGE_MAP);
+		if ((uintptr_t)probe > 2 * below) {
+			p = own_map_at((void *)((uintptr_t)probe - below),
+				       SP_STAGE_MAP, PROT_NONE,
+				       flags | MAP_FIXED_NOREPLACE, -1, false);
+			if (p == (void *)((uintptr_t)probe - below))
+				return p;
+			if (p != MAP_FAILED)	/* NOREPLACE taken as a hint */
+				sys_munmap(p, SP_STAGE_MAP);
+		}
+	}
+	return own_map(SP_STAGE_MAP, PROT_NONE, flags, -1, false);
 }
 
 /*
@@ -429,9 +467,7 @@ static int map_pool_and_scratch(struct sp_agent *a)
 		sys_madvise(a->scratch, slen, MADV_NOHUGEPAGE);
 	}
 	if (!a->stage) {
-		a->stage = own_map(SP_STAGE_MAP, PROT_NONE,
-				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-				   -1, false);
+		a->stage = map_stage();
 		if (a->stage == MAP_FAILED) {
 			a->stage = NULL;
 			return -errno;

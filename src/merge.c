@@ -494,8 +494,9 @@ static void stage_drop(struct sp_agent *a, long t, size_t len)
 /*
  * mremap [t, t + len) of the window over [dst, dst + len), and take the
  * hole it leaves back at once (MAP_FIXED_NOREPLACE).  Another thread's
- * mmap that the kernel placed there in between (microseconds) keeps it,
- * and the window is not used again.  Not MREMAP_DONTUNMAP, which would
+ * mmap that the kernel placed there in between (microseconds, and the
+ * window lies far below where the kernel places mappings: agent.c,
+ * map_stage) keeps it, and the window is not used again.  Not MREMAP_DONTUNMAP, which would
  * leave no hole: it clears VM_LOCKED on the whole source VMA, which here
  * may hold the other copies of a batch still to be moved (neighbouring
  * mappings merge), and under mlockall they would come out unlocked
