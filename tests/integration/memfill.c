@@ -122,7 +122,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -853,49 +852,56 @@ static void err_with_maps(int e, uintptr_t at, size_t len)
 	printf("\n");
 }
 
-#ifndef PROCMAP_QUERY		/* Linux 6.11; older headers lack it */
-struct procmap_query {
-	uint64_t size, query_flags, query_addr;
-	uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset;
-	uint64_t inode;
-	uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
-	uint64_t vma_name_addr, build_id_addr;
-};
-#define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
-#endif
-#define QUERY_COVERING_OR_NEXT 0x10
+/* Is anything mapped in [at, at + len)?  *s, *e: the first such. */
+static bool maps_overlap(uintptr_t at, size_t len, unsigned long *s,
+			 unsigned long *e)
+{
+	FILE *f = fopen("/proc/self/maps", "re");
+	char l[512];
+	bool hit = false;
 
-/* holewatch: 0 while [at, at + len) stays empty for ms, else what came
- * into it (*s, *e: the mapping).  One PROCMAP_QUERY every 100 us. */
+	while (f && !hit && fgets(l, sizeof(l), f))
+		hit = sscanf(l, "%lx-%lx", s, e) == 2 && *e > at &&
+		      *s < at + len;
+	if (f)
+		fclose(f);
+	return hit;
+}
+
+/* holewatch: 0 while [at, at + len) stays empty for ms, else 1 (*s, *e:
+ * what came into it).  A look every 100 us. */
 static int watch_hole(uintptr_t at, size_t len, unsigned ms,
 		      unsigned long *s, unsigned long *e)
 {
-	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 	struct timespec t0, t;
-	int r = 0;
 
-	if (fd < 0)
-		return -errno;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	do {
-		struct procmap_query q = {
-			.size = sizeof(q), .query_addr = at,
-			.query_flags = QUERY_COVERING_OR_NEXT,
-		};
-
-		if (ioctl(fd, PROCMAP_QUERY, &q) == 0 &&
-		    q.vma_start < at + len) {
-			*s = q.vma_start;
-			*e = q.vma_end;
-			r = 1;
-			break;
-		}
+		if (maps_overlap(at, len, s, e))
+			return 1;
 		usleep(100);
 		clock_gettime(CLOCK_MONOTONIC, &t);
 	} while ((t.tv_sec - t0.tv_sec) * 1000 +
 			 (t.tv_nsec - t0.tv_nsec) / 1000000 < (long)ms);
-	close(fd);
-	return r;
+	return 0;
+}
+
+/* A fresh anonymous mapping at the hole [at, at + len), by raw mmap
+ * (MAP_FIXED_NOREPLACE), tried again for 1 s on EEXIST: another
+ * thread's mapping may be in the hole for a moment. */
+static long remap_hole(void *at, size_t len)
+{
+	long m = -1;
+
+	for (int i = 0; i < 100; i++) {
+		m = syscall(SYS_mmap, at, len, PROT_READ | PROT_WRITE,
+			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+			    -1, 0);
+		if (m != -1 || errno != EEXIST)
+			break;
+		usleep(10000);
+	}
+	return m;
 }
 
 /* stackused: the thread's stack is painted first; what it used is the
@@ -1044,22 +1050,11 @@ int main(int argc, char **argv)
 					   y * PG));
 		} else if (sscanf(line, "rawremap %lu %lu", &x, &y) == 2) {
 			void *at = region + x * PG;
-			long m = -1;
+			/* (EEXIST: another thread's mapping took the hole for
+			 * a moment; never the agent's copies: holewatch) */
+			long m = syscall(SYS_munmap, at, y * PG) == 0
+					 ? remap_hole(at, y * PG) : -1;
 
-			/* EEXIST: another thread's mapping took the hole
-			 * (never the agent's copies, which it makes in a window
-			 * of its own: holewatch): retried for 1 s */
-			if (syscall(SYS_munmap, at, y * PG) == 0)
-				for (int t = 0; t < 100; t++) {
-					m = syscall(SYS_mmap, at, y * PG,
-						    PROT_READ | PROT_WRITE,
-						    MAP_PRIVATE | MAP_ANONYMOUS |
-							    MAP_FIXED_NOREPLACE,
-						    -1, 0);
-					if (m != -1 || errno != EEXIST)
-						break;
-					usleep(10000);
-				}
 			if ((void *)m == at)
 				printf("ok\n");
 			else	/* what is in the way, for the test's report */
@@ -1074,18 +1069,9 @@ int main(int argc, char **argv)
 						     &s, &t)
 					: -errno;
 
-			/* mapped again (and retried, as rawremap) so that the
-			 * test can go on */
-			for (int i = 0; i < 100 && got >= 0; i++) {
-				m = syscall(SYS_mmap, at, y * PG,
-					    PROT_READ | PROT_WRITE,
-					    MAP_PRIVATE | MAP_ANONYMOUS |
-						    MAP_FIXED_NOREPLACE,
-					    -1, 0);
-				if (m != -1 || errno != EEXIST)
-					break;
-				usleep(10000);
-			}
+			/* mapped again, so that the test can go on */
+			if (got >= 0)
+				m = remap_hole(at, y * PG);
 			if (got < 0)
 				printf("err munmap %d\n", -got);
 			else if (got > 0)

@@ -737,6 +737,17 @@ def test_raw_remap_during_merge(pair=twins):
         check_remapped(e, a, b, spots, 300)
 
 
+def unmerge_under_way(e, n, fault):
+    """Two programs with n merged pages (the first with
+    SAMEPAGE_FAULT=fault), and run=2 under way on a thread: returns both
+    and the thread."""
+    a, b = twins(e, n, fault=fault)
+    converge(e.d, "pages_sharing", n)
+    unmerge = threading.Thread(target=e.d.set, kwargs={"run": 2})
+    unmerge.start()
+    return a, b, unmerge
+
+
 def test_raw_remap_during_unmerge():
     """The same during run=2: while merged pages are being copied into
     anonymous mappings (each copy held 20 ms), a raw munmap and raw mmap
@@ -744,10 +755,7 @@ def test_raw_remap_during_unmerge():
     get the old pages mapped over it."""
     n = 8000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n, fault="slowunmerge")
-        converge(e.d, "pages_sharing", n)
-        unmerge = threading.Thread(target=e.d.set, kwargs={"run": 2})
-        unmerge.start()
+        a, b, unmerge = unmerge_under_way(e, n, "slowunmerge")
         spots = range(0, n, 250)
         remap_spots(a, spots, 0.01)
         unmerge.join()
@@ -768,10 +776,7 @@ def test_agent_maps_nothing_in_holes():
     come into them, and every byte is intact after."""
     n = 8192
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n, fault="slowunmerge")
-        converge(e.d, "pages_sharing", n)
-        unmerge = threading.Thread(target=e.d.set, kwargs={"run": 2})
-        unmerge.start()
+        a, b, unmerge = unmerge_under_way(e, n, "slowunmerge")
         spots = range(1024, n, 2048)
         for first in spots:
             a.ok(f"holewatch {first} 1024 80")
