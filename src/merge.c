@@ -64,8 +64,7 @@ static const uint64_t recount_every = 512;
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
  * latepin, nopincheck, notwin, noreclaim, regrun and nostage.  Read
- * once; merges
- * run one at a time under the agent lock. */
+ * once; merges run one at a time under the agent lock. */
 bool agent_fault(const char *what)
 {
 	static const char *f;
@@ -128,8 +127,10 @@ void agent_recount_maps(struct sp_agent *a)
  * samepage's CPU there, against 1 to 2 now.  Over the budget, the
  * kernel is asked again only after recount_every refusals (the program
  * may have unmapped meanwhile), not on every merge: reading
- * /proc/self/maps costs in proportion to the mappings.  The program's own new mappings are not counted between
- * recounts; they come out of the reserve left below vm.max_map_count.
+ * /proc/self/maps costs in proportion to the mappings.  The program's
+ * own new mappings are not counted between recounts, nor the agent's
+ * short-lived copies (stage_map); they come out of the reserve left
+ * below vm.max_map_count.
  */
 static bool budget_allows(struct sp_agent *a, uint64_t more)
 {
@@ -497,8 +498,9 @@ static void stage_drop(struct sp_agent *a, long t, size_t len)
  * hole it leaves back at once (MAP_FIXED_NOREPLACE).  Another thread's
  * mmap that the kernel placed there in between (microseconds, and the
  * window lies far below where the kernel places mappings: agent.c,
- * map_stage) keeps it, and the window is not used again.  Not MREMAP_DONTUNMAP, which would
- * leave no hole: it clears VM_LOCKED on the whole source VMA, which here
+ * map_stage) keeps it, and the window is not used again.  Not
+ * MREMAP_DONTUNMAP, which would leave no hole: it clears VM_LOCKED on
+ * the whole source VMA, which here
  * may hold the other copies of a batch still to be moved (neighbouring
  * mappings merge), and under mlockall they would come out unlocked
  * (QEMU with mem-lock=on: 626 of its guest RAM's mappings, and the pages
@@ -1073,7 +1075,8 @@ static int merge_wp(struct sp_agent *a, const struct sp_item *it,
  * and 23 ms at most over 256 reclaims (cow-storm, 2026-12-04).
  */
 #define AGAIN_PAGES 1024
-_Static_assert(AGAIN_PAGES <= SP_STAGE_PAGES, "a reclaim's copies fit the stage");
+_Static_assert(AGAIN_PAGES <= SP_STAGE_PAGES,
+	       "a reclaim's copies fit the stage");
 
 /*
  * A process made only to be looked at, sharing the program's memory
