@@ -45,9 +45,8 @@
  *   rawunmap FIRST N      the same with syscall(2), bypassing libc
  *   rawremap FIRST N      raw munmap, then a fresh anonymous mapping in
  *                         its place by raw mmap (free(3) and malloc(3)
- *                         do that, bypassing the interposers); the mmap
- *                         is tried again for 1 s while another mapping
- *                         is in the hole
+ *                         do that, bypassing the interposers); "err
+ *                         ERRNO" and what is in the way if that fails
  *   holewatch FIRST N MS  raw munmap, then watch the hole for MS ms:
  *                         nothing may be mapped into it but by this
  *                         program (the agent's own short-lived mappings
@@ -887,21 +886,12 @@ static int watch_hole(uintptr_t at, size_t len, unsigned ms,
 }
 
 /* A fresh anonymous mapping at the hole [at, at + len), by raw mmap
- * (MAP_FIXED_NOREPLACE), tried again for 1 s on EEXIST: another
- * thread's mapping may be in the hole for a moment. */
+ * (MAP_FIXED_NOREPLACE): EEXIST if anything came into the hole, which
+ * in this program can only be the agent's. */
 static long remap_hole(void *at, size_t len)
 {
-	long m = -1;
-
-	for (int i = 0; i < 100; i++) {
-		m = syscall(SYS_mmap, at, len, PROT_READ | PROT_WRITE,
-			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-			    -1, 0);
-		if (m != -1 || errno != EEXIST)
-			break;
-		usleep(10000);
-	}
-	return m;
+	return syscall(SYS_mmap, at, len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
 }
 
 /* stackused: the thread's stack is painted first; what it used is the
@@ -1050,8 +1040,6 @@ int main(int argc, char **argv)
 					   y * PG));
 		} else if (sscanf(line, "rawremap %lu %lu", &x, &y) == 2) {
 			void *at = region + x * PG;
-			/* (EEXIST: another thread's mapping took the hole for
-			 * a moment; never the agent's copies: holewatch) */
 			long m = syscall(SYS_munmap, at, y * PG) == 0
 					 ? remap_hole(at, y * PG) : -1;
 
