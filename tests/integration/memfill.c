@@ -830,41 +830,45 @@ static void reply(int r)
 		printf("ok\n");
 }
 
-/* "err ERRNO" and the lines of /proc/self/maps that overlap
- * [at, at + len), on one line */
-static void err_with_maps(int e, uintptr_t at, size_t len)
-{
-	FILE *f = fopen("/proc/self/maps", "re");
-	char l[512];
-
-	printf("err %d", e);
-	while (f && fgets(l, sizeof(l), f)) {
-		unsigned long s, t;
-
-		l[strcspn(l, "\n")] = 0;
-		if (sscanf(l, "%lx-%lx", &s, &t) == 2 && t > at &&
-		    s < at + len)
-			printf(" | %s", l);
-	}
-	if (f)
-		fclose(f);
-	printf("\n");
-}
-
-/* Is anything mapped in [at, at + len)?  *s, *e: the first such. */
-static bool maps_overlap(uintptr_t at, size_t len, unsigned long *s,
-			 unsigned long *e)
+/* Is anything mapped in [at, at + len)?  *s, *e: the first such.  With
+ * print, every line of /proc/self/maps that overlaps is printed, each
+ * after " | ". */
+static bool maps_in(uintptr_t at, size_t len, bool print, unsigned long *s,
+		    unsigned long *e)
 {
 	FILE *f = fopen("/proc/self/maps", "re");
 	char l[512];
 	bool hit = false;
 
-	while (f && !hit && fgets(l, sizeof(l), f))
-		hit = sscanf(l, "%lx-%lx", s, e) == 2 && *e > at &&
-		      *s < at + len;
+	while (f && (print || !hit) && fgets(l, sizeof(l), f)) {
+		unsigned long a, b;
+
+		l[strcspn(l, "\n")] = 0;
+		if (sscanf(l, "%lx-%lx", &a, &b) != 2 || b <= at ||
+		    a >= at + len)
+			continue;
+		if (!hit) {
+			*s = a;
+			*e = b;
+		}
+		hit = true;
+		if (print)
+			printf(" | %s", l);
+	}
 	if (f)
 		fclose(f);
 	return hit;
+}
+
+/* "err ERRNO" and the lines of /proc/self/maps that overlap
+ * [at, at + len), on one line */
+static void err_with_maps(int e, uintptr_t at, size_t len)
+{
+	unsigned long s, t;
+
+	printf("err %d", e);
+	maps_in(at, len, true, &s, &t);
+	printf("\n");
 }
 
 /* holewatch: 0 while [at, at + len) stays empty for ms, else 1 (*s, *e:
@@ -876,7 +880,7 @@ static int watch_hole(uintptr_t at, size_t len, unsigned ms,
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	do {
-		if (maps_overlap(at, len, s, e))
+		if (maps_in(at, len, false, s, e))
 			return 1;
 		usleep(100);
 		clock_gettime(CLOCK_MONOTONIC, &t);
