@@ -30,13 +30,11 @@
 #include "sp.h"
 
 #define CHUNK 512
-/* Batches a client may leave unanswered before planning for it pauses. */
-static const uint32_t max_inflight = 16;
 /* Pages visited per wake-up, present or not, per page of the budget. */
 static const uint64_t visit_factor = 16;
-/* A client busy this long is passed over, so one stuck agent cannot
- * hold up the others. */
-static const uint64_t busy_skip_ms = 1000;
+/* A client busy this long is left out of the pass, so that one stuck
+ * agent cannot hold up the others. */
+const uint64_t sp_busy_skip_ms = 1000;
 /* Least time between two garbage collections of the pool. */
 static const uint64_t gc_interval_ms = 1000;
 
@@ -202,7 +200,7 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 	uint8_t ok;
 	uint32_t slot;
 
-	if (!oc || oc->ninflight >= max_inflight)
+	if (!oc || oc->ninflight >= SP_MAX_INFLIGHT)
 		return false;
 	ost = client_page(oc, e->addr);
 	if (!ost || (ost->flags & PS_INFLIGHT) || ost->slot != ST_NONE ||
@@ -257,7 +255,7 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 		st->hash = h;
 		st->flags |= PS_SEEN;
 	}
-	if (c->ninflight >= max_inflight)
+	if (c->ninflight >= SP_MAX_INFLIGHT)
 		return;
 	/* A page equal to a pool page merges when first seen, as KSM
 	 * merges one equal to a page of its stable tree: a program that
@@ -312,8 +310,8 @@ static uint64_t next_hash(struct daemon *d, const uint8_t *page, bool ok,
 /*
  * Scan pages [first, first + n) of r; returns pages read.  *done: pages
  * of the n dealt with.  It stops short at a page that comes when the
- * client has max_inflight batches out: that page is scanned again, from
- * where the scan stopped, once the agent has answered.
+ * client has SP_MAX_INFLIGHT batches out: that page is scanned again,
+ * from where the scan stopped, once the agent has answered.
  */
 static uint64_t scan_chunk(struct daemon *d, struct client *c,
 			  struct drange *r, uint64_t first, uint64_t n,
@@ -344,7 +342,7 @@ static uint64_t scan_chunk(struct daemon *d, struct client *c,
 	for (k = 0; k < nc; k++) {
 		uint64_t hk = h;
 
-		if (c->ninflight >= max_inflight) {
+		if (c->ninflight >= SP_MAX_INFLIGHT) {
 			*done = idx[k];
 			break;
 		}
@@ -376,17 +374,42 @@ static void end_pass(struct daemon *d)
 			log_debug("freed %llu pool pages", (unsigned long long)n);
 		d->last_gc = now;
 	}
+	for (struct client *c = d->clients; c; c = c->next) {
+		if (!c->passed_over)
+			c->scan_at = 0;	/* else on from where it stopped */
+		c->scan_done = c->passed_over = false;
+	}
 }
 
+static bool in_pass(const struct client *c)
+{
+	return c->agent && c->nr && !c->scan_done;
+}
+
+/* The first client from id `from` on, round the list, that this pass
+ * has still to scan. */
 static struct client *next_client(struct daemon *d, int from)
 {
-	struct client *best = NULL;
+	struct client *best = NULL, *first = NULL;
+
+	for (struct client *c = d->clients; c; c = c->next) {
+		if (!in_pass(c))
+			continue;
+		if (c->id >= from && (!best || c->id < best->id))
+			best = c;
+		if (!first || c->id < first->id)
+			first = c;
+	}
+	return best ? best : first;
+}
+
+static int pass_left(struct daemon *d)
+{
+	int n = 0;
 
 	for (struct client *c = d->clients; c; c = c->next)
-		if (c->agent && c->nr && c->id >= from &&
-		    (!best || c->id < best->id))
-			best = c;
-	return best;
+		n += in_pass(c);
+	return n;
 }
 
 /* Clients whose agents can take another batch. */
@@ -395,25 +418,29 @@ static int ready_clients(struct daemon *d)
 	int n = 0;
 
 	for (struct client *c = d->clients; c; c = c->next)
-		n += c->agent && c->nr && c->ninflight < max_inflight;
+		n += c->agent && c->nr && c->ninflight < SP_MAX_INFLIGHT;
 	return n;
 }
 
 /*
- * Scan up to pages_to_scan pages.  When the client under the cursor has
- * max_inflight batches unanswered, the tick stops where it is and returns
- * true (stalled): the caller waits for a MERGE_DONE instead of scanning
- * on.  Hashing pages that cannot be sent is wasted, and at full speed the
- * scanner would lap the agents, planning a few batches per pass.  Passing
- * the client over instead would end passes early, and each pass end
- * clears the unstable index: pairs would be lost.  Only a client busy for
- * busy_skip_ms is passed over.
+ * Scan up to pages_to_scan pages.  A pass takes the clients in turn, a
+ * chunk of each, so that the plans of a pass go to every agent at once:
+ * the pairs a page of one program makes are with pages anywhere in the
+ * others.  A client with SP_MAX_INFLIGHT batches unanswered is passed in
+ * the turn; when every client the pass has left is in that state, the
+ * tick stops where it is and returns true (stalled): the caller waits
+ * for a MERGE_DONE instead of scanning on.  Hashing pages that cannot be
+ * sent is wasted, and at full speed the scanner would lap the agents,
+ * planning a few batches per pass.  Ending the pass without a client
+ * would lose its pairs (each pass end clears the unstable index), so
+ * only a client busy for sp_busy_skip_ms is left out of the pass, and
+ * the next starts it where it stopped.
  */
 bool scan_tick(struct daemon *d)
 {
 	uint64_t budget = d->pages_to_scan;
 	uint64_t visits = budget * visit_factor;
-	int wraps = 0;
+	int wraps = 0, busy = 0;
 	bool stalled = false;
 
 	while (budget && visits) {
@@ -426,50 +453,44 @@ bool scan_tick(struct daemon *d)
 			if (wraps++)
 				break;
 			end_pass(d);
-			d->cur_client = -1;
-			d->cur_addr = 0;
+			busy = 0;
 			continue;
 		}
-		if (c->ninflight >= max_inflight) {
+		d->cur_client = c->id + 1;	/* a chunk each, in turn */
+		i = client_range_first(c, c->scan_at);
+		if (i >= c->nr) {
+			c->scan_done = true;
+			continue;
+		}
+		if (c->ninflight >= SP_MAX_INFLIGHT) {
 			uint64_t now = sp_now_ms();
 
 			if (!c->busy_since)
 				c->busy_since = now;
-			if (now - c->busy_since < busy_skip_ms ||
-			    !ready_clients(d)) {
-				stalled = true;	/* wait for its answer */
+			if (now - c->busy_since >= sp_busy_skip_ms &&
+			    ready_clients(d)) {
+				/* stuck (a stopped program, say) */
+				c->scan_done = c->passed_over = true;
+				continue;
+			}
+			if (++busy >= pass_left(d)) {
+				stalled = true;	/* wait for an answer */
 				break;
 			}
-			/* Stuck (a stopped program, say): on to the next,
-			 * and back here where it stopped next time round. */
-			if (c->id == d->cur_client)
-				c->resume = d->cur_addr;
-			d->cur_client = c->id + 1;
-			d->cur_addr = 0;
 			continue;
 		}
 		c->busy_since = 0;
-		if (c->id != d->cur_client) {
-			d->cur_client = c->id;
-			d->cur_addr = c->resume;
-			c->resume = 0;
-		}
-		i = client_range_first(c, d->cur_addr);
-		if (i >= c->nr) {
-			d->cur_client = c->id + 1;
-			d->cur_addr = 0;
-			continue;
-		}
+		busy = 0;
 		r = &c->r[i];
-		first = d->cur_addr > r->start ? (d->cur_addr - r->start) / SP_PAGE
-					       : 0;
+		first = c->scan_at > r->start ? (c->scan_at - r->start) / SP_PAGE
+					      : 0;
 		n = r->npages - first;
 		n = n < CHUNK ? n : CHUNK;
 		n = n < visits ? n : visits;
 		got = scan_chunk(d, c, r, first, n, &done);
 		budget -= got < budget ? got : budget;
 		visits -= done;
-		d->cur_addr = r->start + (first + done) * SP_PAGE;
+		c->scan_at = r->start + (first + done) * SP_PAGE;
 	}
 	for (struct client *c = d->clients; c; c = c->next)
 		scan_flush(d, c);

@@ -280,6 +280,11 @@ struct batch {
 	struct batch *next;
 };
 
+/* Batches a client may leave unanswered before planning for it pauses
+ * (scan.c); and how long it may stay so before a pass leaves it out. */
+#define SP_MAX_INFLIGHT 16
+extern const uint64_t sp_busy_skip_ms;
+
 struct client {
 	int fd, id, pagemap, mem;	/* mem: /proc/PID/mem, or -1 */
 	pid_t pid;
@@ -302,7 +307,11 @@ struct client {
 	uint64_t maps_counted, maps_est, maps_at_ms, maps_shown, done_ms;
 	struct sp_item pend[SP_BATCH_ITEMS];
 	uint32_t npend, next_batch, ninflight;
-	uint64_t resume;	/* where the scan left it when it was busy */
+	/* the scan of this pass: where it has got to in this client, and
+	 * whether it is done with it (or passed it over, busy: then the next
+	 * pass starts at scan_at) */
+	uint64_t scan_at;
+	bool scan_done, passed_over;
 	/* the last page planned onto the pool: its address, the slot of
 	 * its content in the index, and the block and offset it went to
 	 * (scan.c, target_slot) */
@@ -365,8 +374,7 @@ struct daemon {
 	/* counters */
 	uint64_t pages_scanned, full_scans, pages_volatile, volatile_cur;
 	struct client *clients;
-	int next_id, cur_client;
-	uint64_t cur_addr;
+	int next_id, cur_client;	/* scan.c: the client to scan next */
 	struct pool pool;
 	struct unstable ut;
 	uint64_t zero_hash;

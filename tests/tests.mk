@@ -1,6 +1,6 @@
 # tests.mk - test programs.  Unit tests use cmocka; integration programs
 # are plain C run by tests/run against real processes.
-UNIT     := test_proto test_region test_index
+UNIT     := test_proto test_region test_index test_scan
 INTEG    := memfill
 tests-build: $(UNIT:%=tests/bin/%) $(INTEG:%=tests/bin/%)
 
@@ -12,6 +12,8 @@ tests/bin/test_region: tests/unit/test_region.c src/region.c src/sp.h $(STAMP) |
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_region.c src/region.c -lcmocka
 tests/bin/test_index: tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c src/sp.h $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
+tests/bin/test_scan: tests/unit/test_scan.c src/scan.c src/client.c src/index.c src/pool.c src/log.c src/util.c src/proto.c src/sp.h $(STAMP) | tests/bin
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_scan.c src/scan.c src/client.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
 tests/bin/%: tests/integration/%.c $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< -luring $(LDLIBS)
 # Built static on purpose, without the sanitizers (which cannot link

@@ -1,0 +1,241 @@
+/* test_scan.c - the scanner's order: a pass takes the clients in turn, a
+ * chunk each; a client with its batches all out is passed in the turn,
+ * and the scan waits only when every client the pass has left is so; a
+ * pass ends once every client is done, or left out after being busy for
+ * sp_busy_skip_ms (and the next pass starts it where it stopped).
+ *
+ * The clients are this process itself, three times over: three regions
+ * of its own memory, read through its own pagemap, each client's
+ * batches sent down a socket pair of its own. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "hash.h"
+#include "sp.h"
+
+enum { NCLIENTS = 3, NPAGES = 2048 };
+
+static struct daemon d;
+static struct client cl[NCLIENTS];
+static uint8_t *mem[NCLIENTS];
+static int peer[NCLIENTS];	/* the other end of each client's socket */
+
+/* Page p of every client holds the same bytes: every page of a client
+ * pairs with the page at the same place in each other client. */
+static int setup(void **state)
+{
+	(void)state;
+	memset(&d, 0, sizeof(d));
+	d.pages_to_scan = 100000;
+	d.buf = aligned_alloc(SP_PAGE, SP_ITEM_PAGES * SP_PAGE);
+	d.cmp = aligned_alloc(SP_PAGE, SP_PAGE);
+	memset(d.cmp, 0, SP_PAGE);
+	d.zero_hash = XXH3_64bits(d.cmp, SP_PAGE);
+	d.kpageflags = -1;
+	if (!d.buf || pool_init(&d.pool, 64 << 20) < 0 ||
+	    ut_init(&d.ut, 1 << 12) < 0)
+		return -1;
+	for (int k = NCLIENTS - 1; k >= 0; k--) {
+		struct client *c = &cl[k];
+		int sv[2];
+
+		memset(c, 0, sizeof(*c));
+		mem[k] = mmap(NULL, NPAGES * SP_PAGE, PROT_READ | PROT_WRITE,
+			      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (mem[k] == MAP_FAILED ||
+		    socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) < 0)
+			return -1;
+		for (uint64_t p = 0; p < NPAGES; p++) {
+			memset(mem[k] + p * SP_PAGE, 0x5a, SP_PAGE);
+			memcpy(mem[k] + p * SP_PAGE, &p, sizeof(p));
+		}
+		c->fd = sv[0];
+		peer[k] = sv[1];
+		c->id = k + 1;
+		c->pid = getpid();
+		c->pagemap = open("/proc/self/pagemap", O_RDONLY);
+		c->mem = open("/proc/self/mem", O_RDONLY);
+		c->agent = true;
+		if (c->pagemap < 0 ||
+		    client_reg(&d, c, (uintptr_t)mem[k], NPAGES * SP_PAGE) < 0)
+			return -1;
+		c->next = d.clients;
+		d.clients = c;
+	}
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	for (int k = 0; k < NCLIENTS; k++) {
+		client_drop_batches(&d, &cl[k]);
+		client_unreg(&d, &cl[k], 0, UINT64_MAX);
+		free(cl[k].r);
+		close(cl[k].fd);
+		close(peer[k]);
+		close(cl[k].pagemap);
+		close(cl[k].mem);
+		munmap(mem[k], NPAGES * SP_PAGE);
+	}
+	free(d.ut.v);
+	free(d.pool.s);
+	free(d.pool.ix);
+	free(d.pool.freelist);
+	munmap(d.pool.base, d.pool.bytes);
+	close(d.pool.fd);
+	close(d.pool.pagemap);
+	free(d.buf);
+	free(d.cmp);
+	return 0;
+}
+
+/* Pages of client k the scanner has read. */
+static uint64_t seen(int k)
+{
+	uint64_t n = 0;
+
+	for (uint64_t p = 0; p < NPAGES; p++)
+		n += cl[k].r[0].st[p].flags & PS_SEEN;
+	return n;
+}
+
+/* Pages of client k planned for merging (in batches sent). */
+static uint64_t planned(int k)
+{
+	uint64_t n = 0;
+
+	for (struct batch *b = cl[k].inflight; b; b = b->next)
+		for (uint32_t i = 0; i < b->nitems; i++)
+			n += b->items[i].npages;
+	return n;
+}
+
+/* A chunk of each client in turn, not one client's pages first. */
+static void pass_takes_clients_in_turn(void **state)
+{
+	(void)state;
+	d.pages_to_scan = 1024;		/* two chunks of 512 */
+	assert_false(scan_tick(&d));
+	assert_int_equal(seen(0), 512);
+	assert_int_equal(seen(1), 512);
+	assert_int_equal(seen(2), 0);
+	assert_false(scan_tick(&d));
+	assert_int_equal(seen(2), 512);
+	assert_int_equal(seen(0), 1024);
+	/* the pass ends only once all three are done: twelve chunks, two
+	 * a tick */
+	for (int t = 0; t < 4; t++) {
+		assert_int_equal(d.full_scans, 0);
+		assert_false(scan_tick(&d));
+	}
+	for (int k = 0; k < NCLIENTS; k++)
+		assert_int_equal(seen(k), NPAGES);
+	assert_int_equal(d.full_scans, 0);
+	assert_false(scan_tick(&d));
+	assert_int_equal(d.full_scans, 1);
+}
+
+/*
+ * Client 1 with all its batches out: the others are scanned, and pair
+ * with each other meanwhile; the scan waits (stalled) only once they
+ * are done and client 1 is all the pass has left.
+ */
+static void busy_client_does_not_hold_up_the_others(void **state)
+{
+	(void)state;
+	cl[0].ninflight = SP_MAX_INFLIGHT;
+	assert_true(scan_tick(&d));
+	assert_int_equal(seen(0), 0);
+	assert_int_equal(seen(1), NPAGES);
+	assert_int_equal(seen(2), NPAGES);
+	assert_int_equal(d.full_scans, 0);	/* client 1 still to do */
+	assert_true(scan_tick(&d));		/* and still busy */
+	cl[0].ninflight = 0;
+	d.pages_to_scan = NPAGES;
+	assert_false(scan_tick(&d));	/* client 1, all of it */
+	assert_int_equal(seen(0), NPAGES);
+	assert_int_equal(d.full_scans, 0);
+	/* the second pass, client 1 busy again: clients 2 and 3 pair with
+	 * each other, every page */
+	cl[0].ninflight = SP_MAX_INFLIGHT;
+	d.pages_to_scan = 100000;
+	assert_true(scan_tick(&d));
+	assert_int_equal(d.full_scans, 1);
+	assert_int_equal(planned(0), 0);
+	assert_int_equal(planned(1), NPAGES);
+	assert_int_equal(planned(2), NPAGES);
+	cl[0].ninflight = 0;
+}
+
+/* Every client with its batches out: nothing is read, the scan waits. */
+static void all_busy_waits(void **state)
+{
+	(void)state;
+	for (int k = 0; k < NCLIENTS; k++)
+		cl[k].ninflight = SP_MAX_INFLIGHT;
+	assert_true(scan_tick(&d));
+	assert_true(scan_tick(&d));
+	assert_int_equal(d.pages_scanned, 0);
+	assert_int_equal(d.full_scans, 0);
+	for (int k = 0; k < NCLIENTS; k++)
+		cl[k].ninflight = 0;
+}
+
+/*
+ * A client busy for sp_busy_skip_ms is left out of the pass, which ends
+ * without it; the next pass starts it where it stopped, not from its
+ * first page.
+ */
+static void stuck_client_is_left_out_and_resumed(void **state)
+{
+	(void)state;
+	d.pages_to_scan = 512;
+	assert_false(scan_tick(&d));	/* client 1's first chunk */
+	assert_int_equal(seen(0), 512);
+	cl[0].ninflight = SP_MAX_INFLIGHT;
+	d.pages_to_scan = 100000;
+	assert_true(scan_tick(&d));	/* the others, then a wait */
+	assert_int_equal(d.full_scans, 0);
+	cl[0].busy_since = sp_now_ms() - sp_busy_skip_ms - 1;
+	assert_false(scan_tick(&d));	/* left out: the pass ends */
+	assert_true(d.full_scans >= 1);
+	assert_int_equal(seen(0), 512);
+	cl[0].ninflight = 0;
+	for (int k = 0; k < NCLIENTS; k++)	/* forget what was seen */
+		for (uint64_t p = 0; p < NPAGES; p++)
+			cl[k].r[0].st[p].flags &= ~(uint32_t)PS_SEEN;
+	d.pages_to_scan = 512;
+	while (seen(0) == 0)
+		assert_false(scan_tick(&d));
+	/* on from page 512, where it stopped */
+	assert_int_equal(cl[0].r[0].st[511].flags & PS_SEEN, 0);
+	assert_int_equal(cl[0].r[0].st[512].flags & PS_SEEN, PS_SEEN);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(pass_takes_clients_in_turn,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(
+			busy_client_does_not_hold_up_the_others, setup,
+			teardown),
+		cmocka_unit_test_setup_teardown(all_busy_waits, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(
+			stuck_client_is_left_out_and_resumed, setup, teardown),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
