@@ -45,6 +45,10 @@ int sp_pagemap_read(int fd, uintptr_t addr, size_t npages, uint64_t *out)
  * exclusive bit set after one process_vm_readv).  So pages pm[i] shows
  * not mapped exclusively are read through mem, the process's
  * /proc/PID/mem, which takes a plain reference and copies nothing.
+ * Consecutive pages are one piece of the read: the kernel takes the
+ * program's mmap lock once per piece, and the agent, mapping pool pages
+ * meanwhile, waits for it each time (scattered at full speed, two runs
+ * each: 2.5 and 2.8 s to 95% against 3.2 and 3.6 with a piece a page).
  */
 size_t sp_read_pages(pid_t pid, int mem, const uintptr_t *addr,
 		     const uint64_t *pm, size_t n, uint8_t *buf, uint8_t *ok)
@@ -58,6 +62,14 @@ size_t sp_read_pages(pid_t pid, int mem, const uintptr_t *addr,
 		ok[k] = 0;
 		if (!(pm[k] & PM_EXCL))
 			continue;
+		if (nl && (uint8_t *)lio[nl - 1].iov_base + lio[nl - 1].iov_len ==
+				  buf + k * SP_PAGE &&
+		    (uintptr_t)rio[nl - 1].iov_base + rio[nl - 1].iov_len ==
+			    addr[k]) {
+			lio[nl - 1].iov_len += SP_PAGE;
+			rio[nl - 1].iov_len += SP_PAGE;
+			continue;
+		}
 		lio[nl] = (struct iovec){ buf + k * SP_PAGE, SP_PAGE };
 		rio[nl] = (struct iovec){ (void *)addr[k], SP_PAGE };
 		nl++;

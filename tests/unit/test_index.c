@@ -248,6 +248,55 @@ static void pool_blocks(void **state)
  * the child, the one unmapped excepted, and leaves the shared ones
  * shared: process_vm_readv would have copied them in the child.
  */
+/*
+ * Pages read in runs: consecutive pages go in one piece of one
+ * process_vm_readv (the kernel takes the program's mmap lock once per
+ * piece, not once per page), others on their own; every byte lands
+ * where its page's index says.  A page gone since pagemap was read ends
+ * the read there: the pages before it are read, none after.
+ */
+static void read_pages_in_runs(void **state)
+{
+	enum { N = 16 };
+	uint8_t *p = mmap(NULL, N * SP_PAGE, PROT_READ | PROT_WRITE,
+			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint8_t *buf = malloc(N * SP_PAGE), ok[N];
+	static const int pick[] = { 0, 1, 2, 5, 6, 9, 10, 11, 12, 15 };
+	enum { NP = sizeof(pick) / sizeof(pick[0]) };
+	uint64_t pm[N];
+	uintptr_t at[N];
+
+	(void)state;
+	assert_true(p != MAP_FAILED && buf);
+	for (int i = 0; i < N; i++) {
+		memset(p + i * SP_PAGE, 'a' + i, SP_PAGE);
+		pm[i] = PM_PRESENT | PM_EXCL;
+	}
+	for (int k = 0; k < NP; k++)
+		at[k] = (uintptr_t)p + (uintptr_t)pick[k] * SP_PAGE;
+	memset(buf, 0, N * SP_PAGE);
+	assert_int_equal(sp_read_pages(getpid(), -1, at, pm, NP, buf, ok), NP);
+	for (int k = 0; k < NP; k++) {
+		assert_int_equal(ok[k], 1);
+		assert_memory_equal(buf + k * SP_PAGE, p + pick[k] * SP_PAGE,
+				    SP_PAGE);
+	}
+	/* page 7 unmapped after pagemap said present */
+	assert_int_equal(munmap(p + 7 * SP_PAGE, SP_PAGE), 0);
+	for (int i = 0; i < N; i++)
+		at[i] = (uintptr_t)p + (uintptr_t)i * SP_PAGE;
+	memset(buf, 0, N * SP_PAGE);
+	assert_int_equal(sp_read_pages(getpid(), -1, at, pm, N, buf, ok), 7);
+	for (int i = 0; i < N; i++) {
+		assert_int_equal(ok[i], i < 7);
+		if (i < 7)
+			assert_memory_equal(buf + i * SP_PAGE,
+					    p + i * SP_PAGE, SP_PAGE);
+	}
+	munmap(p, N * SP_PAGE);
+	free(buf);
+}
+
 static void read_pages_copies_nothing(void **state)
 {
 	enum { N = 8 };
@@ -322,6 +371,7 @@ int main(void)
 		cmocka_unit_test(pool_lookup_compares_content),
 		cmocka_unit_test(pool_index_survives_growth_and_removal),
 		cmocka_unit_test(gc_spares_mapped_slots),
+		cmocka_unit_test(read_pages_in_runs),
 		cmocka_unit_test(read_pages_copies_nothing),
 	};
 
