@@ -223,6 +223,42 @@ static void stuck_client_is_left_out_and_resumed(void **state)
 	assert_int_equal(cl[0].r[0].st[512].flags & PS_SEEN, PS_SEEN);
 }
 
+/*
+ * Programs come and go mid-pass: one that joins is scanned in the pass
+ * under way (the pass ends only once it is done too), and one that goes
+ * leaves nothing for the pass to wait for.
+ */
+static void clients_join_and_leave_mid_pass(void **state)
+{
+	struct client *third = d.clients;	/* cl[0] heads the list */
+
+	(void)state;
+	SP_ASSERT(third == &cl[0] && cl[0].next == &cl[1]);
+	d.clients = &cl[1];			/* clients 2 and 3 only */
+	d.pages_to_scan = 1024;
+	assert_false(scan_tick(&d));		/* 2 and 3, a chunk each */
+	assert_int_equal(seen(1), 512);
+	assert_int_equal(seen(2), 512);
+	third->next = d.clients;		/* client 1 joins */
+	d.clients = third;
+	for (int t = 0; t < 6; t++) {		/* 10 chunks left, 2 a tick */
+		assert_int_equal(d.full_scans, 0);
+		assert_false(scan_tick(&d));
+	}
+	assert_int_equal(seen(0), NPAGES);
+	assert_int_equal(seen(1), NPAGES);
+	assert_int_equal(seen(2), NPAGES);
+	/* the second pass: client 2 goes after a chunk of each */
+	d.pages_to_scan = 3 * 512;
+	assert_false(scan_tick(&d));
+	assert_int_equal(d.full_scans, 1);
+	third->next = &cl[2];			/* unlink client 2 */
+	d.pages_to_scan = 100000;
+	assert_false(scan_tick(&d));		/* 1 and 3 to the end */
+	assert_int_equal(d.full_scans, 2);
+	cl[0].next = &cl[1];			/* as teardown expects */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -235,6 +271,8 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(
 			stuck_client_is_left_out_and_resumed, setup, teardown),
+		cmocka_unit_test_setup_teardown(
+			clients_join_and_leave_mid_pass, setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
