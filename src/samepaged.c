@@ -19,7 +19,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "hash.h"
 #include "sp.h"
 
 /* How long a run=2 waits for every agent before it gives up. */
@@ -640,14 +639,8 @@ int main(int argc, char **argv)
 	if (r < 0)
 		return r == -2 ? 3 : 1;
 	pool_bytes = (uint64_t)sysconf(_SC_PHYS_PAGES) * SP_PAGE;
-	D.buf = aligned_alloc(SP_PAGE, SP_ITEM_PAGES * SP_PAGE);
-	D.cmp = aligned_alloc(SP_PAGE, SP_PAGE);
-	memset(D.cmp, 0, SP_PAGE);
-	D.zero_hash = XXH3_64bits(D.cmp, SP_PAGE);
 	D.zero_pfn = zero_pfn();
-	D.kpageflags = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
-	if (!D.buf || pool_init(&D.pool, pool_bytes) < 0 ||
-	    ut_init(&D.ut, 1 << 16) < 0) {
+	if (scan_init(&D, pool_bytes) < 0) {
 		log_warn("cannot set up the pool");
 		return 1;
 	}

@@ -20,6 +20,7 @@
  * The agent compares again before anything is replaced.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/kernel-page-flags.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,26 @@ static const uint64_t visit_factor = 16;
 const uint64_t sp_busy_skip_ms = 1000;
 /* Least time between two garbage collections of the pool. */
 static const uint64_t gc_interval_ms = 1000;
+
+/*
+ * The scanner's state in d: its read buffer, the hash of a page of
+ * zeros, /proc/kpageflags (or -1: see zeros_of_its_own), the pool
+ * (pool_bytes of file) and the unstable table.  0, or -1.
+ */
+int scan_init(struct daemon *d, uint64_t pool_bytes)
+{
+	d->buf = aligned_alloc(SP_PAGE, SP_ITEM_PAGES * SP_PAGE);
+	d->cmp = aligned_alloc(SP_PAGE, SP_PAGE);
+	if (!d->buf || !d->cmp)
+		return -1;
+	memset(d->cmp, 0, SP_PAGE);
+	d->zero_hash = XXH3_64bits(d->cmp, SP_PAGE);
+	d->kpageflags = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+	if (pool_init(&d->pool, pool_bytes) < 0 ||
+	    ut_init(&d->ut, 1 << 16) < 0)
+		return -1;
+	return 0;
+}
 
 /*
  * The slot to map the page at addr onto, for content at index slot i.

@@ -405,6 +405,7 @@ void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr,
 void ut_del(struct unstable *u, struct ut_entry *e);
 void ut_clear(struct unstable *u);
 
+int scan_init(struct daemon *d, uint64_t pool_bytes);
 bool scan_tick(struct daemon *d);
 void scan_flush(struct daemon *d, struct client *c);
 struct client *client_by_id(struct daemon *d, int id);

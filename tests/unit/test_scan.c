@@ -20,7 +20,6 @@
 #include <unistd.h>
 #include <cmocka.h>
 
-#include "hash.h"
 #include "sp.h"
 
 enum { NCLIENTS = 3, NPAGES = 2048 };
@@ -37,13 +36,7 @@ static int setup(void **state)
 	(void)state;
 	memset(&d, 0, sizeof(d));
 	d.pages_to_scan = 100000;
-	d.buf = aligned_alloc(SP_PAGE, SP_ITEM_PAGES * SP_PAGE);
-	d.cmp = aligned_alloc(SP_PAGE, SP_PAGE);
-	memset(d.cmp, 0, SP_PAGE);
-	d.zero_hash = XXH3_64bits(d.cmp, SP_PAGE);
-	d.kpageflags = -1;
-	if (!d.buf || pool_init(&d.pool, 64 << 20) < 0 ||
-	    ut_init(&d.ut, 1 << 12) < 0)
+	if (scan_init(&d, 64 << 20) < 0)
 		return -1;
 	for (int k = NCLIENTS - 1; k >= 0; k--) {
 		struct client *c = &cl[k];
@@ -95,6 +88,8 @@ static int teardown(void **state)
 	munmap(d.pool.base, d.pool.bytes);
 	close(d.pool.fd);
 	close(d.pool.pagemap);
+	if (d.kpageflags >= 0)
+		close(d.kpageflags);
 	free(d.buf);
 	free(d.cmp);
 	return 0;
