@@ -57,8 +57,10 @@
 #endif
 
 /* Recount the real VMA total once the count by arithmetic reaches the
- * budget, and never sooner than this many mappings after the last. */
+ * budget, and never sooner than this many mappings after the last; and
+ * while the agent maps, at least this often. */
 static const uint64_t recount_every = 512;
+static const uint64_t recount_ms = 5000;
 
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
@@ -107,6 +109,7 @@ void agent_recount_maps(struct sp_agent *a)
 	long got = sp_count_maps(0);
 	uint64_t n;
 
+	a->counted_ms = sp_now_ms();	/* a failed read: not at once again */
 	if (got < 0)
 		return;
 	n = (uint64_t)got;
@@ -121,20 +124,23 @@ void agent_recount_maps(struct sp_agent *a)
  * May `more` mappings be added?  The count is kept by arithmetic: two
  * for each mapping made, the most one can add (it splits one VMA in
  * three), so it overcounts where neighbouring mappings merge, and the
- * kernel is asked only once it reaches the budget (recount_at).  A read
- * of 48,000 lines took 22 ms of CPU; reading at half the distance to
- * the budget made 4 to 5 reads a program in scattered (bench), 8% of
- * samepage's CPU there, against 1 to 2 now.  Over the budget, the
- * kernel is asked again only after recount_every refusals (the program
- * may have unmapped meanwhile), not on every merge: reading
- * /proc/self/maps costs in proportion to the mappings.  The program's
- * own new mappings are not counted between recounts, nor the agent's
- * short-lived copies (stage_map); they come out of the reserve left
- * below vm.max_map_count.
+ * kernel is asked once it reaches the budget (recount_at).  A read of
+ * 48,000 lines took 22 ms of CPU; reading at half the distance to the
+ * budget made 4 to 5 reads a program in scattered (bench), 8% of
+ * samepage's CPU there, against 1 to 2 then.  The program's own new
+ * mappings are not in the arithmetic, nor the agent's short-lived
+ * copies (stage_map): they come out of the reserve left below
+ * vm.max_map_count.  So the kernel is also asked when the last read is
+ * recount_ms old: else a program that had made more than the reserve
+ * since (and merged slowly) would find the limit reached by the agent's
+ * mappings (test_map_budget_sees_the_program_grow).  Over the budget,
+ * it is asked again only after recount_every refusals (the program may
+ * have unmapped meanwhile), not on every merge.
  */
 static bool budget_allows(struct sp_agent *a, uint64_t more)
 {
-	if (a->figs.mappings + more >= a->recount_at)
+	if (a->figs.mappings + more >= a->recount_at ||
+	    sp_now_ms() - a->counted_ms >= recount_ms)
 		agent_recount_maps(a);
 	if (a->figs.mappings + more <= a->figs.map_budget)
 		return true;

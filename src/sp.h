@@ -203,6 +203,7 @@ struct sp_agent {
 	struct sp_regions regions;
 	struct sp_figs figs;
 	uint64_t merged_pages, zero_pages, map_limit, recount_at;
+	uint64_t counted_ms;	/* the last read of the map count */
 	uint64_t refused_since_count;	/* budget refusals since a recount */
 	int budget_logged;
 };

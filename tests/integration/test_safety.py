@@ -1094,6 +1094,44 @@ def test_map_budget():
                     p.ok(f"check {own} {pg + 1} 1")
 
 
+def test_map_budget_sees_the_program_grow():
+    """The program makes more mappings of its own than the reserve below
+    vm.max_map_count after the agent last counted, and merging begins
+    later: the agent counts again before it maps (its last count is over
+    5 s old), so it stops at the budget, and the program can still map
+    memory of its own.  By arithmetic alone the agent would have filled
+    the reserve the program had already used, up to the kernel's limit."""
+    limit = 1200
+    with max_map_count(limit):
+        with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+            a, b = e.proc(), e.proc()
+            for p, own in ((a, 2), (b, 3)):
+                p.map(2400)
+                p.ok("fill 1 0 2400")
+                for pg in range(1, 2400, 2):  # every merge is one page
+                    p.ok(f"fill {own} {pg} 1")
+            a.ok("mmapmany 100")    # 200 mappings: more than the reserve
+            time.sleep(5.5)
+            for p in (a, b):
+                p.ok("merge")
+            last = [-1]
+
+            def settled():
+                m, last[0] = last[0], int(a.stats()["merged"])
+                return m == last[0] and m > 0
+            check(wait_for(settled, 30, 1), "merging did not settle")
+            budget = int(a.stats()["budget"])
+            n = map_count(a.pid)
+            check(n <= budget, f"{n} mappings, over the budget {budget} "
+                  f"(vm.max_map_count {limit})")
+            check(int(a.stats()["refused"]) > 0, "the budget refused nothing")
+            a.ok("mmapmany 30")
+            for p, own in ((a, 2), (b, 3)):
+                for pg in range(0, 2400, 2):
+                    p.ok(f"check 1 {pg} 1")
+                    p.ok(f"check {own} {pg + 1} 1")
+
+
 def test_written_pages_merge_again_once_under_budget():
     """Pages written after a merge that could not be made anonymous again
     for want of mappings (each one alone costs two) merge again once the
@@ -1312,6 +1350,7 @@ if __name__ == "__main__":
         test_dontneed_keeps_unmerged_mappings,
         test_client_death_releases,
         test_map_budget,
+        test_map_budget_sees_the_program_grow,
         test_written_pages_merge_again_once_under_budget,
         test_mlockall_while_merged,
         test_pool_view_not_dumped,
