@@ -1068,17 +1068,33 @@ def max_map_count(value):
             f.write(old)
 
 
+def single_page_twins(e, n):
+    """Two programs of n pages, not yet opted in, whose every other page
+    is a duplicate (seed 1) and the others their own (seeds 2 and 3):
+    every merge is one page, a mapping of its own."""
+    a, b = e.proc(), e.proc()
+    for p, own in ((a, 2), (b, 3)):
+        p.map(n)
+        p.ok(f"fill 1 0 {n}")
+        for pg in range(1, n, 2):
+            p.ok(f"fill {own} {pg} 1")
+    return a, b
+
+
+def check_single_page_twins(a, b, n):
+    for p, own in ((a, 2), (b, 3)):
+        for pg in range(0, n, 2):
+            p.ok(f"check 1 {pg} 1")
+            p.ok(f"check {own} {pg + 1} 1")
+
+
 def test_map_budget():
     """With vm.max_map_count lowered, merges stop at the budget, count
     refusals, and the program can still map memory of its own."""
     with max_map_count(2000):
         with Env() as e:
-            a, b = e.proc(), e.proc()
-            for p, own in ((a, 2), (b, 3)):
-                p.map(8000)
-                p.ok("fill 1 0 8000")
-                for pg in range(1, 8000, 2):  # every merge is one page
-                    p.ok(f"fill {own} {pg} 1")
+            a, b = single_page_twins(e, 8000)
+            for p in (a, b):
                 p.ok("merge")
             time.sleep(3)
             st = a.stats()
@@ -1088,10 +1104,7 @@ def test_map_budget():
             check(map_count(a.pid) <= 2000, f"{map_count(a.pid)} mappings")
             check(e.d.status()["budget_refusals"] > 0, "status refusals")
             a.ok("mmapmany 100")
-            for p, own in ((a, 2), (b, 3)):
-                for pg in range(0, 8000, 2):
-                    p.ok(f"check 1 {pg} 1")
-                    p.ok(f"check {own} {pg + 1} 1")
+            check_single_page_twins(a, b, 8000)
 
 
 def test_map_budget_sees_the_program_grow():
@@ -1104,12 +1117,7 @@ def test_map_budget_sees_the_program_grow():
     limit = 1200
     with max_map_count(limit):
         with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-            a, b = e.proc(), e.proc()
-            for p, own in ((a, 2), (b, 3)):
-                p.map(2400)
-                p.ok("fill 1 0 2400")
-                for pg in range(1, 2400, 2):  # every merge is one page
-                    p.ok(f"fill {own} {pg} 1")
+            a, b = single_page_twins(e, 2400)
             a.ok("mmapmany 100")    # 200 mappings: more than the reserve
             time.sleep(5.5)
             for p in (a, b):
@@ -1126,10 +1134,7 @@ def test_map_budget_sees_the_program_grow():
                   f"(vm.max_map_count {limit})")
             check(int(a.stats()["refused"]) > 0, "the budget refused nothing")
             a.ok("mmapmany 30")
-            for p, own in ((a, 2), (b, 3)):
-                for pg in range(0, 2400, 2):
-                    p.ok(f"check 1 {pg} 1")
-                    p.ok(f"check {own} {pg + 1} 1")
+            check_single_page_twins(a, b, 2400)
 
 
 def test_written_pages_merge_again_once_under_budget():
