@@ -9,8 +9,11 @@
  * without copying them) and hash them with xxh3.  A page equal to a pool
  * page (full compare) is planned onto it, when first seen as KSM merges a
  * page equal to one in its stable tree.  Otherwise a page is a candidate
- * only once its hash is unchanged since the previous pass (the
- * volatility filter): an all-zero one is planned as a zero page; one equal
+ * when first read, or once its hash is unchanged since the previous pass:
+ * one seen to change waits a pass (the volatility filter; KSM puts even
+ * a page it has never read through it, for its unstable tree is sorted
+ * by content, where this table is keyed by hash and a pair is compared in
+ * full).  An all-zero candidate is planned as a zero page; one equal
  * to a page in the unstable table (re-read and compared in full) gets a
  * new pool slot, and both are planned onto it, unless they are one frame
  * shared after fork.  Plans for consecutive
@@ -266,31 +269,29 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 			struct pstate *st, const uint8_t *page, uint64_t pm,
 			uint64_t h)
 {
-	bool steady = (st->flags & PS_SEEN) && st->hash == h;
+	bool changed = (st->flags & PS_SEEN) && st->hash != h;
 	struct ut_entry *e;
 	uint32_t slot;
 
-	if (!steady) {
-		if (st->flags & PS_SEEN)
-			d->volatile_cur++;
-		st->hash = h;
-		st->flags |= PS_SEEN;
-	}
+	if (changed)
+		d->volatile_cur++;
+	st->hash = h;
+	st->flags |= PS_SEEN;
 	if (c->ninflight >= SP_MAX_INFLIGHT)
 		return;
-	/* A page equal to a pool page merges when first seen, as KSM
-	 * merges one equal to a page of its stable tree: a program that
-	 * starts after others (a VM from the same image) merges in one
-	 * pass, not two.  Only a pairing of two pages of programs' own
-	 * waits for the hash to hold still, and a page of zeros (it may
+	/* A page seen to change since the last pass is written to: it
+	 * pairs with no other page until its hash holds still a pass.  A
+	 * page equal to a pool page merges all the same, as KSM merges one
+	 * equal to a page of its stable tree; but not one of zeros (it may
 	 * be one of the kernel's zero pages, below). */
-	if (!steady) {
+	if (changed) {
 		slot = h == d->zero_hash && sp_page_is_zero(page)
 			       ? NO_SLOT : pool_lookup(&d->pool, h, page);
 		if (slot != NO_SLOT)
 			plan(d, c, st, addr, SP_ITEM_POOL, slot);
 		return;
 	}
+	/* Seen for the first time, or unchanged: a candidate. */
 	if (h == d->zero_hash && sp_page_is_zero(page)) {
 		if (!(pm & PM_EXCL) && !zeros_of_its_own(d, pm))
 			return;
@@ -313,7 +314,8 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 
 /* The hash of a page, and where handle_page will look for it loaded
  * meanwhile: the pool's index always, the unstable table only for a
- * page whose hash held still (the only ones looked up there). */
+ * page read for the first time or whose hash held still (the only ones
+ * looked up there). */
 static uint64_t next_hash(struct daemon *d, const uint8_t *page, bool ok,
 			  const struct pstate *st)
 {
@@ -323,7 +325,7 @@ static uint64_t next_hash(struct daemon *d, const uint8_t *page, bool ok,
 		return 0;
 	h = XXH3_64bits(page, SP_PAGE);
 	pool_prefetch(&d->pool, h);
-	if ((st->flags & PS_SEEN) && st->hash == h)
+	if (!(st->flags & PS_SEEN) || st->hash == h)
 		ut_prefetch(&d->ut, h);
 	return h;
 }
