@@ -62,13 +62,12 @@ static void grow(struct unstable *u)
 	for (uint64_t i = 0; i < u->cap; i++)
 		if (u->v[i].client > 0)
 			ut_put(&bigger, u->v[i].hash, u->v[i].client,
-			       u->v[i].addr, u->v[i].shared);
+			       u->v[i].addr);
 	free(u->v);
 	*u = bigger;
 }
 
-void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr,
-	    bool shared)
+void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr)
 {
 	struct ut_entry *e;
 
@@ -84,7 +83,6 @@ void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr,
 	e->hash = hash;
 	e->client = client;
 	e->addr = addr;
-	e->shared = shared;
 }
 
 void ut_del(struct unstable *u, struct ut_entry *e)

@@ -201,16 +201,25 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 }
 
 /*
- * Two pages that are both not mapped exclusively may be one frame,
- * shared by a parent and its child since fork: merging them would save
- * nothing.  Pair them only when pagemap shows two frames.
+ * The other page of a pair, at oaddr in oc, as pagemap shows it now, not
+ * as when it went into the unstable table: a fork since then shares it
+ * with the child, and then it must be read through mem (sp_read_pages),
+ * and two pages that are both not mapped exclusively may be one frame,
+ * shared by a parent and its child: merging them would save nothing.
+ * So pages that are both shared pair only when pagemap shows two
+ * frames, neither the zero page.  A page no longer present is not read
+ * (that would allocate it on this kernel).
  */
-static bool two_frames(struct client *oc, uint64_t oaddr, uint64_t pm)
+static bool may_pair(struct daemon *d, struct client *oc, uint64_t oaddr,
+		     uint64_t pm, uint64_t *opm)
 {
-	uint64_t opm;
-
-	return PM_PFN(pm) && sp_pagemap_read(oc->pagemap, oaddr, 1, &opm) == 0 &&
-	       PM_PFN(opm) && PM_PFN(opm) != PM_PFN(pm);
+	if (sp_pagemap_read(oc->pagemap, oaddr, 1, opm) < 0 ||
+	    (*opm & (PM_PRESENT | PM_FILE)) != PM_PRESENT)
+		return false;
+	if (*opm & PM_EXCL)
+		return true;
+	return PM_PFN(*opm) && PM_PFN(*opm) != d->zero_pfn &&
+	       ((pm & PM_EXCL) || PM_PFN(*opm) != PM_PFN(pm));
 }
 
 static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
@@ -230,9 +239,8 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 	if (!ost || (ost->flags & PS_INFLIGHT) || ost->slot != ST_NONE ||
 	    ost->hash != h)
 		return false;
-	if (e->shared && !(pm & PM_EXCL) && !two_frames(oc, e->addr, pm))
+	if (!may_pair(d, oc, e->addr, pm, &opm))
 		return false;
-	opm = e->shared ? 0 : PM_EXCL;	/* as it was: see sp_read_pages */
 	oaddr = (uintptr_t)e->addr;
 	if (sp_read_pages(oc->pid, oc->mem, &oaddr, &opm, 1, d->cmp, &ok) != 1 ||
 	    memcmp(d->cmp, page, SP_PAGE) != 0)
@@ -309,7 +317,7 @@ static void handle_page(struct daemon *d, struct client *c, uint64_t addr,
 	if (e && !(e->client == c->id && e->addr == addr) &&
 	    try_pair(d, c, st, addr, page, h, pm, e))
 		return;
-	ut_put(&d->ut, h, c->id, addr, !(pm & PM_EXCL));
+	ut_put(&d->ut, h, c->id, addr);
 }
 
 /* The hash of a page, and where handle_page will look for it loaded

@@ -358,7 +358,6 @@ struct pool {
 struct ut_entry {
 	uint64_t hash, addr;
 	int client;	/* 0: empty */
-	uint32_t shared;	/* not mapped exclusively: maybe after fork */
 };
 
 struct unstable {
@@ -401,8 +400,7 @@ uint64_t pool_meta_bytes(const struct pool *p);
 int ut_init(struct unstable *u, uint64_t cap);
 struct ut_entry *ut_find(struct unstable *u, uint64_t hash);
 void ut_prefetch(const struct unstable *u, uint64_t hash);
-void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr,
-	    bool shared);
+void ut_put(struct unstable *u, uint64_t hash, int client, uint64_t addr);
 void ut_del(struct unstable *u, struct ut_entry *e);
 void ut_clear(struct unstable *u);
 

@@ -24,22 +24,21 @@ static void unstable_basics(void **state)
 
 	(void)state;
 	assert_int_equal(ut_init(&u, 8), 0);
-	ut_put(&u, 1, 3, 42, true);
+	ut_put(&u, 1, 3, 42);
 	for (uint64_t i = 1; i <= 1000; i++)
-		ut_put(&u, i * 977, 1, i, false);
+		ut_put(&u, i * 977, 1, i);
 	assert_int_equal(u.n, 1001);	/* grew */
-	assert_true(ut_find(&u, 1)->shared);	/* kept through growing */
-	assert_int_equal(ut_find(&u, 1)->addr, 42);
-	assert_false(ut_find(&u, 977)->shared);
+	assert_int_equal(ut_find(&u, 1)->addr, 42);	/* kept through growing */
+	assert_int_equal(ut_find(&u, 1)->client, 3);
 	assert_non_null(ut_find(&u, 977 * 500));
 	assert_int_equal(ut_find(&u, 977 * 500)->addr, 500);
 	ut_del(&u, ut_find(&u, 977 * 500));
 	assert_null(ut_find(&u, 977 * 500));
-	ut_put(&u, 977 * 500, 2, 5, true);	/* reuses the tombstone */
+	ut_put(&u, 977 * 500, 2, 5);	/* reuses the tombstone */
 	assert_int_equal(ut_find(&u, 977 * 500)->client, 2);
-	assert_true(ut_find(&u, 977 * 500)->shared);
+	assert_int_equal(ut_find(&u, 977 * 500)->addr, 5);
 	for (int k = 0; k < 100000; k++) {	/* churn: must not fill up */
-		ut_put(&u, 5000000 + (uint64_t)k, 1, 0, false);
+		ut_put(&u, 5000000 + (uint64_t)k, 1, 0);
 		ut_del(&u, ut_find(&u, 5000000 + (uint64_t)k));
 	}
 	ut_clear(&u);

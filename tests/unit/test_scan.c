@@ -16,7 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -296,6 +299,90 @@ static void a_page_seen_changing_waits_a_pass(void **state)
 	assert_int_equal(planned(2), NPAGES);
 }
 
+/* The frames of client 1's first n pages (0 where PFNs are hidden). */
+static void frames_of(uint64_t *pfn, size_t n)
+{
+	uint64_t pm[512];
+
+	SP_ASSERT(n <= 512);
+	assert_int_equal(sp_pagemap_read(cl[0].pagemap, (uintptr_t)mem[0], n,
+					 pm), 0);
+	for (size_t i = 0; i < n; i++)
+		pfn[i] = PM_PFN(pm[i]);
+}
+
+/*
+ * Client 1's first chunk goes into the unstable table, then it forks.
+ * The child's copy of that chunk is one frame with the parent's: nothing
+ * to save.  The table's entries were put while the parent's pages were
+ * its own, so the scanner must look again: nothing pairs, and the
+ * parent's pages keep their frames (a read with process_vm_readv would
+ * have pinned them and given the parent copies of its own).
+ */
+static void pages_shared_since_fork_do_not_pair(void **state)
+{
+	uint64_t before[512], after[512];
+	struct client ch = { .id = 9, .agent = true, .mem = -1 };
+	char path[64];
+	int sv[2];
+	pid_t pid;
+
+	(void)state;
+	make_unique();
+	d.clients = &cl[0];
+	cl[0].next = NULL;
+	d.pages_to_scan = 512;
+	assert_false(scan_tick(&d));	/* the parent's first chunk */
+	assert_int_equal(seen(0), 512);
+	assert_int_equal(d.full_scans, 0);	/* its entries still there */
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {		/* gone with the test, failed or not */
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		close(1);
+		close(2);
+		pause();
+		_exit(0);
+	}
+	frames_of(before, 512);
+	if (!before[0]) {
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		cl[0].next = &cl[1];
+		skip();		/* PFNs hidden: not root */
+	}
+	assert_int_equal(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv), 0);
+	ch.fd = sv[0];
+	ch.pid = pid;
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)pid);
+	ch.pagemap = open(path, O_RDONLY);
+	snprintf(path, sizeof(path), "/proc/%d/mem", (int)pid);
+	ch.mem = open(path, O_RDONLY);
+	assert_true(ch.pagemap >= 0 && ch.mem >= 0);
+	assert_int_equal(client_reg(&d, &ch, (uintptr_t)mem[0],
+				    NPAGES * SP_PAGE), 0);
+	ch.next = d.clients;
+	d.clients = &ch;
+	assert_false(scan_tick(&d));	/* the child's first chunk */
+	assert_int_equal(ch.r[0].st[0].flags & PS_SEEN, PS_SEEN);
+	frames_of(after, 512);
+	for (int i = 0; i < 512; i++)
+		assert_int_equal(after[i], before[i]);
+	assert_int_equal(planned(0), 0);
+	assert_null(ch.inflight);
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	client_drop_batches(&d, &ch);
+	client_unreg(&d, &ch, 0, UINT64_MAX);
+	free(ch.r);
+	close(ch.fd);
+	close(sv[1]);
+	close(ch.pagemap);
+	close(ch.mem);
+	d.clients = &cl[0];
+	cl[0].next = &cl[1];		/* as teardown expects */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -312,6 +399,8 @@ int main(void)
 			clients_join_and_leave_mid_pass, setup, teardown),
 		cmocka_unit_test_setup_teardown(
 			a_page_seen_changing_waits_a_pass, setup, teardown),
+		cmocka_unit_test_setup_teardown(
+			pages_shared_since_fork_do_not_pair, setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
