@@ -32,6 +32,46 @@ static struct client cl[NCLIENTS];
 static uint8_t *mem[NCLIENTS];
 static int peer[NCLIENTS];	/* the other end of each client's socket */
 
+/* Client id for the NPAGES pages at addr in process pid, its batches
+ * sent down a socket pair whose other end goes to *other; put at the
+ * head of the scanner's list.  0, or -1. */
+static int open_client(struct client *c, int id, pid_t pid, uint8_t *addr,
+		       int *other)
+{
+	char path[64];
+	int sv[2];
+
+	memset(c, 0, sizeof(*c));
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) < 0)
+		return -1;
+	c->fd = sv[0];
+	*other = sv[1];
+	c->id = id;
+	c->pid = pid;
+	c->agent = true;
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)pid);
+	c->pagemap = open(path, O_RDONLY);
+	snprintf(path, sizeof(path), "/proc/%d/mem", (int)pid);
+	c->mem = open(path, O_RDONLY);
+	if (c->pagemap < 0 || c->mem < 0 ||
+	    client_reg(&d, c, (uintptr_t)addr, NPAGES * SP_PAGE) < 0)
+		return -1;
+	c->next = d.clients;
+	d.clients = c;
+	return 0;
+}
+
+static void close_client(struct client *c, int other)
+{
+	client_drop_batches(&d, c);
+	client_unreg(&d, c, 0, UINT64_MAX);
+	free(c->r);
+	close(c->fd);
+	close(other);
+	close(c->pagemap);
+	close(c->mem);
+}
+
 /* Page p of every client holds the same bytes: every page of a client
  * pairs with the page at the same place in each other client. */
 static int setup(void **state)
@@ -42,31 +82,16 @@ static int setup(void **state)
 	if (scan_init(&d, 64 << 20) < 0)
 		return -1;
 	for (int k = NCLIENTS - 1; k >= 0; k--) {
-		struct client *c = &cl[k];
-		int sv[2];
-
-		memset(c, 0, sizeof(*c));
 		mem[k] = mmap(NULL, NPAGES * SP_PAGE, PROT_READ | PROT_WRITE,
 			      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (mem[k] == MAP_FAILED ||
-		    socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) < 0)
+		if (mem[k] == MAP_FAILED)
 			return -1;
 		for (uint64_t p = 0; p < NPAGES; p++) {
 			memset(mem[k] + p * SP_PAGE, 0x5a, SP_PAGE);
 			memcpy(mem[k] + p * SP_PAGE, &p, sizeof(p));
 		}
-		c->fd = sv[0];
-		peer[k] = sv[1];
-		c->id = k + 1;
-		c->pid = getpid();
-		c->pagemap = open("/proc/self/pagemap", O_RDONLY);
-		c->mem = open("/proc/self/mem", O_RDONLY);
-		c->agent = true;
-		if (c->pagemap < 0 ||
-		    client_reg(&d, c, (uintptr_t)mem[k], NPAGES * SP_PAGE) < 0)
+		if (open_client(&cl[k], k + 1, getpid(), mem[k], &peer[k]) < 0)
 			return -1;
-		c->next = d.clients;
-		d.clients = c;
 	}
 	return 0;
 }
@@ -75,13 +100,7 @@ static int teardown(void **state)
 {
 	(void)state;
 	for (int k = 0; k < NCLIENTS; k++) {
-		client_drop_batches(&d, &cl[k]);
-		client_unreg(&d, &cl[k], 0, UINT64_MAX);
-		free(cl[k].r);
-		close(cl[k].fd);
-		close(peer[k]);
-		close(cl[k].pagemap);
-		close(cl[k].mem);
+		close_client(&cl[k], peer[k]);
 		munmap(mem[k], NPAGES * SP_PAGE);
 	}
 	free(d.ut.v);
@@ -322,9 +341,8 @@ static void frames_of(uint64_t *pfn, size_t n)
 static void pages_shared_since_fork_do_not_pair(void **state)
 {
 	uint64_t before[512], after[512];
-	struct client ch = { .id = 9, .agent = true, .mem = -1 };
-	char path[64];
-	int sv[2];
+	struct client ch;
+	int other;
 	pid_t pid;
 
 	(void)state;
@@ -351,18 +369,8 @@ static void pages_shared_since_fork_do_not_pair(void **state)
 		cl[0].next = &cl[1];
 		skip();		/* PFNs hidden: not root */
 	}
-	assert_int_equal(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv), 0);
-	ch.fd = sv[0];
-	ch.pid = pid;
-	snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)pid);
-	ch.pagemap = open(path, O_RDONLY);
-	snprintf(path, sizeof(path), "/proc/%d/mem", (int)pid);
-	ch.mem = open(path, O_RDONLY);
-	assert_true(ch.pagemap >= 0 && ch.mem >= 0);
-	assert_int_equal(client_reg(&d, &ch, (uintptr_t)mem[0],
-				    NPAGES * SP_PAGE), 0);
-	ch.next = d.clients;
-	d.clients = &ch;
+	/* the child's copy, a client of its own */
+	assert_int_equal(open_client(&ch, 9, pid, mem[0], &other), 0);
 	assert_false(scan_tick(&d));	/* the child's first chunk */
 	assert_int_equal(ch.r[0].st[0].flags & PS_SEEN, PS_SEEN);
 	frames_of(after, 512);
@@ -372,13 +380,7 @@ static void pages_shared_since_fork_do_not_pair(void **state)
 	assert_null(ch.inflight);
 	kill(pid, SIGKILL);
 	waitpid(pid, NULL, 0);
-	client_drop_batches(&d, &ch);
-	client_unreg(&d, &ch, 0, UINT64_MAX);
-	free(ch.r);
-	close(ch.fd);
-	close(sv[1]);
-	close(ch.pagemap);
-	close(ch.mem);
+	close_client(&ch, other);
 	d.clients = &cl[0];
 	cl[0].next = &cl[1];		/* as teardown expects */
 }
