@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -572,31 +571,6 @@ static void daemonize(void)
 	}
 }
 
-/*
- * The kernel's shared zero page as pagemap shows it: a read of fresh
- * anonymous memory maps it, not mapped exclusively.  0 where a read
- * allocates a page of the reader's own (pvm_no_zero_page) or PFNs are
- * hidden (no CAP_SYS_ADMIN).
- */
-static uint64_t zero_pfn(void)
-{
-	uint8_t *p = mmap(NULL, SP_PAGE, PROT_READ,
-			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-	uint64_t pm = 0;
-
-	if (p != MAP_FAILED && fd >= 0) {
-		(void)*(volatile uint8_t *)p;
-		if (sp_pagemap_read(fd, (uintptr_t)p, 1, &pm) < 0)
-			pm = 0;
-	}
-	if (fd >= 0)
-		close(fd);
-	if (p != MAP_FAILED)
-		munmap(p, SP_PAGE);
-	return (pm & PM_PRESENT) && !(pm & PM_EXCL) ? PM_PFN(pm) : 0;
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
@@ -639,7 +613,6 @@ int main(int argc, char **argv)
 	if (r < 0)
 		return r == -2 ? 3 : 1;
 	pool_bytes = (uint64_t)sysconf(_SC_PHYS_PAGES) * SP_PAGE;
-	D.zero_pfn = zero_pfn();
 	if (scan_init(&D, pool_bytes) < 0) {
 		log_warn("cannot set up the pool");
 		return 1;

@@ -27,6 +27,7 @@
 #include <linux/kernel-page-flags.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -43,8 +44,34 @@ const uint64_t sp_busy_skip_ms = 1000;
 static const uint64_t gc_interval_ms = 1000;
 
 /*
+ * The kernel's shared zero page as pagemap shows it: a read of fresh
+ * anonymous memory maps it, not mapped exclusively.  0 where a read
+ * allocates a page of the reader's own (pvm_no_zero_page) or PFNs are
+ * hidden (no CAP_SYS_ADMIN).
+ */
+static uint64_t zero_pfn(void)
+{
+	uint8_t *p = mmap(NULL, SP_PAGE, PROT_READ,
+			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	uint64_t pm = 0;
+
+	if (p != MAP_FAILED && fd >= 0) {
+		(void)*(volatile uint8_t *)p;
+		if (sp_pagemap_read(fd, (uintptr_t)p, 1, &pm) < 0)
+			pm = 0;
+	}
+	if (fd >= 0)
+		close(fd);
+	if (p != MAP_FAILED)
+		munmap(p, SP_PAGE);
+	return (pm & PM_PRESENT) && !(pm & PM_EXCL) ? PM_PFN(pm) : 0;
+}
+
+/*
  * The scanner's state in d: its read buffer, the hash of a page of
- * zeros, /proc/kpageflags (or -1: see zeros_of_its_own), the pool
+ * zeros, the zero page's frame, /proc/kpageflags (or -1: see
+ * zeros_of_its_own), the pool
  * (pool_bytes of file) and the unstable table.  0, or -1.
  */
 int scan_init(struct daemon *d, uint64_t pool_bytes)
@@ -55,6 +82,7 @@ int scan_init(struct daemon *d, uint64_t pool_bytes)
 		return -1;
 	memset(d->cmp, 0, SP_PAGE);
 	d->zero_hash = XXH3_64bits(d->cmp, SP_PAGE);
+	d->zero_pfn = zero_pfn();
 	d->kpageflags = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
 	if (pool_init(&d->pool, pool_bytes) < 0 ||
 	    ut_init(&d->ut, 1 << 16) < 0)
