@@ -7,7 +7,7 @@
  * out those under 1 MiB too): private anonymous, readable, not
  * executable, not the stack, not bigger than RAM (a reservation, such as
  * a sanitizer's shadow).  It reads their pagemap and skips pages that are not present (reading them would
- * allocate them: this kernel has no zero page), reads the rest
+ * allocate them where a read maps no zero page: pvm_no_zero_page), reads the rest
  * (sp_read_pages: without copying pages shared after fork) and hashes
  * them with xxh3.  A physical page is counted
  * once (by PFN, which pagemap shows to root): pages shared after fork or

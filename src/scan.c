@@ -229,17 +229,38 @@ static bool classify(struct daemon *d, struct client *c, struct pstate *st,
 }
 
 /*
+ * A page of zeros not mapped exclusively: a frame of zeros a parent and
+ * its child share since fork, to be merged as any other, or a zero page
+ * of the kernel's, which costs nothing and must be left alone.  classify
+ * knows the zero page's frame where a read of fresh memory maps it, but
+ * not the huge zero page's (a read of a THP range).  /proc/kpageflags
+ * tells (KPF_ZERO_PAGE, both kinds); without it such pages are left
+ * alone.
+ */
+static bool zeros_of_its_own(const struct daemon *d, uint64_t pm)
+{
+	uint64_t f;
+
+	return d->kpageflags >= 0 && PM_PFN(pm) &&
+	       pread(d->kpageflags, &f, sizeof(f),
+		     (off_t)(PM_PFN(pm) * sizeof(f))) == (ssize_t)sizeof(f) &&
+	       !(f >> KPF_ZERO_PAGE & 1);
+}
+
+/*
  * The other page of a pair, at oaddr in oc, as pagemap shows it now, not
  * as when it went into the unstable table: a fork since then shares it
  * with the child, and then it must be read through mem (sp_read_pages),
  * and two pages that are both not mapped exclusively may be one frame,
  * shared by a parent and its child: merging them would save nothing.
  * So pages that are both shared pair only when pagemap shows two
- * frames, neither the zero page.  A page no longer present is not read
- * (that would allocate it on this kernel).
+ * frames, neither the zero page; and a shared page of zeros, as the page
+ * in hand (handle_page), only once kpageflags shows it is not one of the
+ * kernel's zero pages.  A page no longer present is not read (that would
+ * allocate it on this kernel).
  */
 static bool may_pair(struct daemon *d, struct client *oc, uint64_t oaddr,
-		     uint64_t pm, uint64_t *opm)
+		     uint64_t pm, bool zeros, uint64_t *opm)
 {
 	if (sp_pagemap_read(oc->pagemap, oaddr, 1, opm) < 0 ||
 	    (*opm & (PM_PRESENT | PM_FILE)) != PM_PRESENT)
@@ -247,7 +268,8 @@ static bool may_pair(struct daemon *d, struct client *oc, uint64_t oaddr,
 	if (*opm & PM_EXCL)
 		return true;
 	return PM_PFN(*opm) && PM_PFN(*opm) != d->zero_pfn &&
-	       ((pm & PM_EXCL) || PM_PFN(*opm) != PM_PFN(pm));
+	       ((pm & PM_EXCL) || PM_PFN(*opm) != PM_PFN(pm)) &&
+	       (!zeros || zeros_of_its_own(d, *opm));
 }
 
 static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
@@ -267,7 +289,8 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 	if (!ost || (ost->flags & PS_INFLIGHT) || ost->slot != ST_NONE ||
 	    ost->hash != h)
 		return false;
-	if (!may_pair(d, oc, e->addr, pm, &opm))
+	if (!may_pair(d, oc, e->addr, pm,
+		      h == d->zero_hash && sp_page_is_zero(page), &opm))
 		return false;
 	oaddr = (uintptr_t)e->addr;
 	if (sp_read_pages(oc->pid, oc->mem, &oaddr, &opm, 1, d->cmp, &ok) != 1 ||
@@ -280,25 +303,6 @@ static bool try_pair(struct daemon *d, struct client *c, struct pstate *st,
 	plan(d, c, st, addr, SP_ITEM_POOL, slot);
 	ut_del(&d->ut, e);
 	return true;
-}
-
-/*
- * A page of zeros not mapped exclusively: a frame of zeros a parent and
- * its child share since fork, to be merged as any other, or a zero page
- * of the kernel's, which costs nothing and must be left alone.  classify
- * knows the zero page's frame where a read of fresh memory maps it, but
- * not the huge zero page's (a read of a THP range), nor a kernel's where
- * reads map neither (this one).  /proc/kpageflags tells (KPF_ZERO_PAGE,
- * both kinds); without it such pages are left alone.
- */
-static bool zeros_of_its_own(const struct daemon *d, uint64_t pm)
-{
-	uint64_t f;
-
-	return d->kpageflags >= 0 && PM_PFN(pm) &&
-	       pread(d->kpageflags, &f, sizeof(f),
-		     (off_t)(PM_PFN(pm) * sizeof(f))) == (ssize_t)sizeof(f) &&
-	       !(f >> KPF_ZERO_PAGE & 1);
 }
 
 static void handle_page(struct daemon *d, struct client *c, uint64_t addr,

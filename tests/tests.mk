@@ -12,8 +12,8 @@ tests/bin/test_region: tests/unit/test_region.c src/region.c src/sp.h $(STAMP) |
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_region.c src/region.c -lcmocka
 tests/bin/test_index: tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c src/sp.h $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_index.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
-tests/bin/test_scan: tests/unit/test_scan.c src/scan.c src/client.c src/index.c src/pool.c src/log.c src/util.c src/proto.c src/sp.h $(STAMP) | tests/bin
-	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_scan.c src/scan.c src/client.c src/index.c src/pool.c src/log.c src/util.c src/proto.c -lcmocka -lxxhash $(LDLIBS)
+tests/bin/test_scan: tests/unit/test_scan.c src/scan.c src/client.c src/index.c src/pool.c src/log.c src/util.c src/proto.c src/uffd.c src/sp.h $(STAMP) | tests/bin
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ tests/unit/test_scan.c src/scan.c src/client.c src/index.c src/pool.c src/log.c src/util.c src/proto.c src/uffd.c -lcmocka -lxxhash $(LDLIBS)
 tests/bin/%: tests/integration/%.c $(STAMP) | tests/bin
 	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< -luring $(LDLIBS)
 # Built static on purpose, without the sanitizers (which cannot link

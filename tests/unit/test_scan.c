@@ -22,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <linux/userfaultfd.h>
 
 #include "sp.h"
 
@@ -385,6 +386,65 @@ static void pages_shared_since_fork_do_not_pair(void **state)
 	cl[0].next = &cl[1];		/* as teardown expects */
 }
 
+/*
+ * With use_zero_pages=0 a page of zeros pairs as any other, unless it is
+ * one of the kernel's zero pages (it costs nothing, and is not the
+ * program's own).  Client 1's page of zeros goes into the unstable table
+ * while it is its own; then it becomes the kernel's zero page (dropped,
+ * and mapped again by UFFDIO_ZEROPAGE), one the daemon does not know by
+ * its frame number, before client 2's page of zeros comes to pair with
+ * it.  The pair is refused: the check made of the
+ * page in hand (zeros_of_its_own) holds for the other page too.
+ */
+static void a_zero_page_of_the_kernels_does_not_pair(void **state)
+{
+	struct uffd_caps caps;
+	uint64_t pm;
+	int uffd;
+
+	(void)state;
+	make_unique();
+	memset(mem[0], 0, SP_PAGE);
+	memset(mem[1], 0, SP_PAGE);
+	d.clients = &cl[0];
+	cl[0].next = NULL;
+	d.pages_to_scan = 512;
+	assert_false(scan_tick(&d));	/* client 1's first chunk */
+	assert_int_equal(seen(0), 512);
+	assert_int_equal(planned(0), 0);
+	uffd = uffd_open(&caps, false);
+	if (uffd < 0) {
+		cl[0].next = &cl[1];
+		skip();		/* no userfaultfd */
+	}
+	assert_int_equal(madvise(mem[0], SP_PAGE, MADV_DONTNEED), 0);
+	assert_int_equal(uffd_register(uffd, (uintptr_t)mem[0], SP_PAGE,
+				       UFFDIO_REGISTER_MODE_MISSING), 0);
+	assert_int_equal(uffd_zeropage(uffd, (uintptr_t)mem[0], SP_PAGE), 0);
+	assert_int_equal(sp_pagemap_read(cl[0].pagemap, (uintptr_t)mem[0], 1,
+					 &pm), 0);
+	assert_true(pm & PM_PRESENT);
+	assert_false(pm & PM_EXCL);
+	if (!PM_PFN(pm) || d.kpageflags < 0) {
+		close(uffd);
+		cl[0].next = &cl[1];
+		skip();		/* frames hidden: not root */
+	}
+	/* a frame of zeros the daemon does not know by its number, as
+	 * the huge zero page of a THP range */
+	d.zero_pfn = 0;
+	cl[0].next = &cl[1];
+	cl[1].next = NULL;
+	d.clients = &cl[0];
+	assert_false(scan_tick(&d));	/* client 2's first chunk */
+	assert_int_equal(seen(1), 512);
+	assert_int_equal(planned(0), 0);
+	assert_int_equal(planned(1), 0);
+	uffd_unregister(uffd, (uintptr_t)mem[0], SP_PAGE);
+	close(uffd);
+	cl[1].next = &cl[2];		/* as teardown expects */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -403,6 +463,9 @@ int main(void)
 			a_page_seen_changing_waits_a_pass, setup, teardown),
 		cmocka_unit_test_setup_teardown(
 			pages_shared_since_fork_do_not_pair, setup, teardown),
+		cmocka_unit_test_setup_teardown(
+			a_zero_page_of_the_kernels_does_not_pair, setup,
+			teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
