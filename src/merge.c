@@ -65,7 +65,8 @@ static const uint64_t recount_ms = 5000;
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
- * latepin, nopincheck, notwin, noreclaim, regrun and nostage.  Read
+ * latepin, nopincheck, notwin, noreclaim, regrun, nostage and
+ * releasegap.  Read
  * once; merges run one at a time under the agent lock. */
 bool agent_fault(const char *what)
 {
@@ -89,6 +90,29 @@ bool agent_fault(const char *what)
 /* Read the environment now: during a merge the agent must touch no
  * memory it may be merging, and a program's setenv puts environ in the
  * heap. */
+/*
+ * Let go of [s, s + len), registered with the userfaultfd: unregister it
+ * (unless nothing of it is registered any more: unreg false), then wake
+ * whoever waits on it.  In that order.  Unregister wakes the threads that
+ * wait in MISSING mode, but not those that wait on write-protection, and
+ * it lifts the protection: a writer woken first that faults again on a
+ * page still protected waits again, and after the unregister for ever
+ * (test_writes_never_left_waiting: a writer of the program hung for
+ * good in a clean-clone .ci/run, its fault pending on a range no longer
+ * registered).  Woken last, a waiter finds the range as it now is.
+ */
+static bool let_go(struct sp_agent *a, uintptr_t s, size_t len, bool unreg)
+{
+	bool ok = !unreg || uffd_unregister(a->uffd, s, len) == 0;
+
+	if (!ok)
+		log_warn("unregister %#lx", (unsigned long)s);
+	if (agent_fault("releasegap"))
+		usleep(50000);	/* widen the window for tests */
+	uffd_wake(a->uffd, s, len);
+	return ok;
+}
+
 void agent_merge_init(void)
 {
 	(void)agent_fault("");
@@ -847,7 +871,7 @@ static bool ro_open(struct sp_agent *a, uintptr_t s, size_t len)
 		return false;
 	if (uffd_writeprotect(a->uffd, s, len) < 0 ||
 	    syscall(SYS_mprotect, s, len, PROT_READ | PROT_WRITE) < 0) {
-		uffd_unregister(a->uffd, s, len);	/* clears the marks */
+		let_go(a, s, len, true);	/* clears the marks */
 		return false;
 	}
 	return true;
@@ -992,16 +1016,14 @@ static int merge_once(struct sp_agent *a, const struct sp_item *it,
 		ro_close(it->addr, len);
 		restore(a, it->addr, back, 0, n, true);
 	}
-	/* Wake first: a thread waiting on an address the pool now covers
-	 * is not woken by unregister, which wakes only what it unregisters.
-	 * Where the pool covers the whole item nothing of it is registered
-	 * any more, and unregister (a VMA walk under the mmap lock taken
-	 * for writing) is left out: the usual case for a single page. */
-	uffd_wake(a->uffd, it->addr, len);
-	ok = (over == n && !ro) ||
-	     uffd_unregister(a->uffd, it->addr, len) == 0;
-	if (!ok)	/* then a populate could wait on this thread */
-		log_warn("unregister %#lx", (unsigned long)it->addr);
+	/* A thread waiting on an address the pool now covers is not woken
+	 * by unregister, which wakes only what it unregisters: let_go
+	 * wakes the whole item.  Where the pool covers the whole item
+	 * nothing of it is registered any more, and unregister (a VMA walk
+	 * under the mmap lock taken for writing) is left out: the usual
+	 * case for a single page.  Not unregistered, a populate could wait
+	 * on this thread (below). */
+	ok = let_go(a, it->addr, len, over != n || ro);
 	if (memchr(busy, 1, n))
 		unshare_forked(a, it->addr, n, busy, ro || !ok ? NULL : redo,
 			       res);
@@ -1063,11 +1085,8 @@ static int merge_wp(struct sp_agent *a, const struct sp_item *it,
 	}
 	if (agent_fault("latedelay"))
 		usleep(200000);
-	/* Wake first, as in merge_once; unregister lifts the protection
-	 * and wakes the writes still waiting on it. */
-	uffd_wake(a->uffd, it->addr, len);
-	if (uffd_unregister(a->uffd, it->addr, len) < 0)
-		log_warn("unregister %#lx", (unsigned long)it->addr);
+	/* unregistered (the protection lifted), then the writes woken */
+	let_go(a, it->addr, len, true);
 	return 0;
 }
 
@@ -1454,14 +1473,11 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 	for (k = 0; k < n; k = e) {
 		if (!run_at(pg, reg, k, n, &e))
 			continue;
-		uffd_wake(a->uffd, pg[k], (e - k) * SP_PAGE);
 		/* (a replaced page is registered no more) */
 		for (size_t r = k, re; r < e; r = re) {
 			for (re = r + 1; re < e && done[re] == done[r]; re++)
 				;
-			if (!done[r])
-				uffd_unregister(a->uffd, pg[r],
-						(re - r) * SP_PAGE);
+			let_go(a, pg[r], (re - r) * SP_PAGE, !done[r]);
 		}
 	}
 }
@@ -1670,10 +1686,8 @@ static bool anonymize(struct sp_agent *a, uintptr_t p, size_t n)
 out:
 	if (t != -1)
 		stage_drop(a, t, len);
-	if (rw) {
-		uffd_wake(a->uffd, p, len);
-		uffd_unregister(a->uffd, p, len);	/* if it failed */
-	}
+	if (rw)		/* replaced (ok): registered no more */
+		let_go(a, p, len, !ok);
 	return ok;
 }
 

@@ -384,6 +384,40 @@ def test_merge_again_while_writing():
               flush=True)
 
 
+def test_writes_never_left_waiting():
+    """A write that meets a page the agent write-protected (to make a
+    written copy anonymous again, or to unmerge) waits, and must be
+    woken once the agent lets the range go, however often it faults
+    again meanwhile.  Unregistering does not wake a write that waits on
+    write-protection; woken before it, a writer that faults again on a
+    page still protected waited for ever.  SAMEPAGE_FAULT=releasegap
+    holds 50 ms between the two steps of letting go, notwin leaves every
+    written page protected and then let go (no twin to tell pins), and
+    writer threads hammer the pages all along: every hammer must
+    return, within seconds, with no write lost.  With the old order
+    (wake, then unregister) the first hammer never returned."""
+    n = 4000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault="notwin,releasegap")
+        converge(e.d, "pages_sharing", n)
+        a.ok(f"fill 1 0 {n}")     # copies of their own, same bytes
+        writes = 0
+        for _ in range(3):
+            a.p.stdin.write("hammer 2 2 keep 5000\n")
+            a.p.stdin.flush()
+            ready, _, _ = select.select([a.p.stdout], [], [], 30)
+            check(ready, "a writer never came back: left waiting on a "
+                  "write-protected page")
+            out = a.p.stdout.readline().strip()
+            check(out.startswith("ok "), f"hammer -> {out}")
+            w, lost = (int(x) for x in out.split()[1:])
+            check(lost == 0, f"{lost} of {w} writes lost")
+            writes += w
+            a.ok(f"check 1 0 {n}")
+        b.ok(f"check 1 0 {n}")
+        print(f"  {writes} writes, none left waiting", flush=True)
+
+
 def children_of(pid):
     """Processes whose parent is pid."""
     out = []
