@@ -303,6 +303,16 @@ def run_tests(tests):
     """Run test functions; print one line each and the summary."""
     only = sys.argv[1:]
     passed = failed = skipped = 0
+    # every test the module defines is in its list (one left out never ran)
+    main = vars(sys.modules["__main__"])
+    left_out = sorted(n for n, f in main.items()
+                      if n.startswith("test_") and callable(f) and
+                      getattr(f, "__module__", None) == "__main__" and
+                      f not in tests)
+    for name in left_out:
+        print(f"FAIL {name}: defined but not in the module's run_tests list",
+              flush=True)
+        failed += 1
     for t in tests:
         name = t.__name__
         if only and name not in only:

@@ -1363,6 +1363,7 @@ if __name__ == "__main__":
         test_written_pages_merge_again_a_page_at_a_time,
         test_small_stack,
         test_merge_again_while_writing,
+        test_writes_never_left_waiting,
         test_twin_dies_with_the_program,
         test_pinned_written_pages_not_merged_again,
         test_pin_after_twin_not_merged_again,
