@@ -3,14 +3,17 @@
  * one in a single process.  Not a comparison with KSM (bench/run is):
  * it says where the time of a single-page merge goes.
  *
- *   tests/bin/steps [PAGES [STRIDE]]
+ *   tests/bin/steps [PAGES [STRIDE [pfn]]]
  *
  * Maps PAGES private anonymous pages of distinct content, copies every
  * STRIDE-th one into a memfd "pool", then merges each of those the way
- * merge.c does: register, UFFDIO_MOVE out, kernel copy and pread to
- * compare, a move of nothing (is the hole ours), mmap of the pool page,
- * populate, pagemap check against the pool's frame, wake (no unregister:
- * the pool mapping replaced the registered one).
+ * merge.c does a short run: register, UFFDIO_MOVE out, one kernel copy
+ * of the moved page and of the pool page to compare, a move of nothing
+ * (is the hole ours), mmap of the pool page, the new mapping read back
+ * (faulted in) and compared with the saved page, wake (no unregister:
+ * the pool mapping replaced the registered one).  With "pfn" as a third
+ * argument the check is the one merge.c makes for longer runs instead:
+ * populate and compare the pagemap frames of the mapping and the pool.
  * Prints microseconds per merge for each step and CPU per merge; checks
  * every byte at the end.  Needs root for the PFN check.
  */
@@ -46,10 +49,10 @@ struct uffdio_move {
 #define SCRATCH 1024UL		/* pages; the last one stays empty */
 #define PFN(e) ((e) & ((1ULL << 55) - 1))
 
-enum { REG, MOVE, COPY, PREAD, HOLE, MMAP, POP, CHECK, WAKE, NSTEP };
+enum { REG, MOVE, COPY, HOLE, MMAP, CHECK, WAKE, NSTEP };
 static const char *const name[NSTEP] = {
-	"register", "move out", "kernel copy", "pread pool", "hole check",
-	"mmap pool", "populate", "pfn check", "wake",
+	"register", "move out", "kernel copy", "hole check", "mmap pool",
+	"check", "wake",
 };
 
 static double us(clockid_t c)
@@ -79,6 +82,7 @@ int main(int argc, char **argv)
 {
 	size_t np = argc > 1 ? strtoul(argv[1], NULL, 0) : 16384;
 	size_t stride = argc > 2 ? strtoul(argv[2], NULL, 0) : 4;
+	int pfn = argc > 3 && strcmp(argv[3], "pfn") == 0;
 	size_t nd = np / stride, used = 0;
 	double acc[NSTEP] = { 0 }, t, t0, c0;
 	struct uffdio_api api = { .api = UFFD_API,
@@ -92,7 +96,7 @@ int main(int argc, char **argv)
 		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	scr = mmap(NULL, SCRATCH * PG, PROT_READ | PROT_WRITE,
 		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	cmp = malloc(2 * PG);
+	cmp = malloc(3 * PG);
 	fd = memfd_create("steps-pool", 0);
 	if (mem == MAP_FAILED || scr == MAP_FAILED || !cmp || fd < 0 ||
 	    ftruncate(fd, (off_t)(nd * PG)) < 0)
@@ -133,7 +137,9 @@ int main(int argc, char **argv)
 			.len = PG, .mode = UFFDIO_MOVE_MODE_DONTWAKE |
 					   UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
 		};
-		struct iovec l = { cmp, PG }, s = { slot, PG };
+		struct iovec l = { cmp, 2 * PG },
+			     s[2] = { { slot, PG }, { pool + k * PG, PG } };
+		struct iovec lb = { cmp + 2 * PG, PG }, sb = { (void *)ad, PG };
 		int step = 0;
 
 		if (used % (SCRATCH - 1) == 0)
@@ -147,17 +153,20 @@ int main(int argc, char **argv)
 	} while (0)
 		STEP(ioctl(u, UFFDIO_REGISTER, &rg) == 0);
 		STEP(ioctl(u, UFFDIO_MOVE, &mv) == 0);
-		STEP(process_vm_readv(getpid(), &l, 1, &s, 1, 0) ==
-		     (ssize_t)PG);
-		STEP(pread(fd, cmp + PG, PG, (off_t)(k * PG)) == (ssize_t)PG &&
+		STEP(process_vm_readv(getpid(), &l, 1, s, 2, 0) ==
+			     (ssize_t)(2 * PG) &&
 		     memcmp(cmp, cmp + PG, PG) == 0);
 		STEP(ioctl(u, UFFDIO_MOVE, &nothing) == 0);
 		STEP(syscall(SYS_mmap, ad, PG, PROT_READ | PROT_WRITE,
 			     MAP_PRIVATE | MAP_FIXED, fd, k * PG) == (long)ad);
-		STEP(madvise((void *)ad, PG, MADV_POPULATE_READ) == 0 &&
-		     madvise(pool + k * PG, PG, MADV_POPULATE_READ) == 0);
-		STEP(PFN(pagemap_at(pm, (void *)ad)) ==
-		     PFN(pagemap_at(pm, pool + k * PG)));
+		if (pfn)
+			STEP(madvise((void *)ad, PG, MADV_POPULATE_READ) == 0 &&
+			     PFN(pagemap_at(pm, (void *)ad)) ==
+				     PFN(pagemap_at(pm, pool + k * PG)));
+		else
+			STEP(process_vm_readv(getpid(), &lb, 1, &sb, 1, 0) ==
+				     (ssize_t)PG &&
+			     memcmp(cmp + 2 * PG, slot, PG) == 0);
 		STEP(ioctl(u, UFFDIO_WAKE, &r) == 0);
 #undef STEP
 	}

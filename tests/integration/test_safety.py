@@ -418,6 +418,38 @@ def test_writes_never_left_waiting():
         print(f"  {writes} writes, none left waiting", flush=True)
 
 
+def test_writes_between_mapping_and_check_kept():
+    """Single duplicate pages (every other page differs), so that each
+    item is one page and its new mapping is checked by reading it back
+    against the saved page (merge.c, read_back).  SAMEPAGE_FAULT=checkgap
+    holds 2 ms between the mapping and the check, and writer threads
+    hammer the pages: a write in that window lands in a private copy of
+    the pool page, the check sees other bytes, and the page must stay
+    the program's with the write in it; no write may be lost, and the
+    pages nobody wrote meanwhile still merge."""
+    n = 4000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a = e.proc(env={"SAMEPAGE_FAULT": "checkgap"})
+        b = e.proc()
+        for p in (a, b):
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+        for pg in range(1, n, 2):
+            b.ok(f"write {pg} 7")
+        for p in (a, b):
+            p.ok("merge")
+        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1",
+                                             200_000)
+        check(lost == 0, f"{lost} of {writes} writes lost")
+        check(merged > 0, "no page merged while hammering")
+        e.d.set(run=0)
+        a.ok(f"check 1 0 {n}")
+        for pg in range(0, n, 2):
+            b.ok(f"check 1 {pg} 1")
+        print(f"  {writes} writes, {merged} pages merged meanwhile, "
+              f"{shared(a, b)} shared at the end", flush=True)
+
+
 def children_of(pid):
     """Processes whose parent is pid."""
     out = []
@@ -1364,6 +1396,7 @@ if __name__ == "__main__":
         test_small_stack,
         test_merge_again_while_writing,
         test_writes_never_left_waiting,
+        test_writes_between_mapping_and_check_kept,
         test_twin_dies_with_the_program,
         test_pinned_written_pages_not_merged_again,
         test_pin_after_twin_not_merged_again,
