@@ -88,9 +88,6 @@ bool agent_fault(const char *what)
 	return false;
 }
 
-/* Read the environment now: during a merge the agent must touch no
- * memory it may be merging, and a program's setenv puts environ in the
- * heap. */
 /*
  * Let go of [s, s + len), registered with the userfaultfd: unregister it
  * (unless nothing of it is registered any more: unreg false), then wake
@@ -114,6 +111,9 @@ static bool let_go(struct sp_agent *a, uintptr_t s, size_t len, bool unreg)
 	return ok;
 }
 
+/* Read the environment now: during a merge the agent must touch no
+ * memory it may be merging, and a program's setenv puts environ in the
+ * heap. */
 void agent_merge_init(void)
 {
 	(void)agent_fault("");
