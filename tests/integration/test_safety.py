@@ -18,10 +18,11 @@ from sptest import (MEMFILL, PAGE, Env, Skip, check, converge,  # noqa: E402
                     wait_for)
 
 
-def hammer_rounds(a, n, line, min_writes=0):
+def hammer_rounds(a, n, line, min_writes=0, verify=None):
     """Run memfill's `line` (a hammer) in a at least 3 times and until
     min_writes writes; after each, all n pages are checked (every word
-    was restored).  Returns writes, writes lost, pages merged meanwhile."""
+    was restored): verify(), or all of seed 1.  Returns writes, writes
+    lost, pages merged meanwhile."""
     writes = lost = rounds = merged = 0
     while writes < min_writes or rounds < 3:
         m0 = int(a.stats()["merged"])
@@ -30,7 +31,10 @@ def hammer_rounds(a, n, line, min_writes=0):
         writes += w
         lost += lo
         rounds += 1
-        a.ok(f"check 1 0 {n}")
+        if verify:
+            verify()
+        else:
+            a.ok(f"check 1 0 {n}")
     return writes, lost, merged
 
 
@@ -419,33 +423,30 @@ def test_writes_never_left_waiting():
 
 
 def test_writes_between_mapping_and_check_kept():
-    """Single duplicate pages (every other page differs), so that each
-    item is one page and its new mapping is checked by reading it back
-    against the saved page (merge.c, read_back).  SAMEPAGE_FAULT=checkgap
-    holds 2 ms between the mapping and the check, and writer threads
-    hammer the pages: a write in that window lands in a private copy of
-    the pool page, the check sees other bytes, and the page must stay
-    the program's with the write in it; no write may be lost, and the
-    pages nobody wrote meanwhile still merge."""
+    """Single duplicate pages, so that each item is one page and its new
+    mapping is checked by reading it back against the saved page
+    (merge.c, read_back).  SAMEPAGE_FAULT=checkgap holds 2 ms between
+    the mapping and the check while writer threads hammer the pages.  A
+    write in that window lands in a private copy of the pool page (the
+    kernel's copy-on-write); the check then sees other bytes, or the same
+    once the word is put back, and neither outcome may lose a write: not
+    at once (hammer), nor any time later (hammer keep: each thread's
+    last word in each page is checked at the end).  Pages nobody wrote
+    meanwhile still merge."""
     n = 4000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a = e.proc(env={"SAMEPAGE_FAULT": "checkgap"})
-        b = e.proc()
-        for p in (a, b):
-            p.map(n)
-            p.ok(f"fill 1 0 {n}")
-        for pg in range(1, n, 2):
-            b.ok(f"write {pg} 7")
+        a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "checkgap"})
         for p in (a, b):
             p.ok("merge")
-        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1",
-                                             200_000)
+        writes, lost, merged = 0, 0, 0
+        for line in ("hammer 2 1", "hammer 2 1 keep 200"):
+            w, lo, m = hammer_rounds(
+                a, n, line, verify=lambda: check_single_page(a, 2, n))
+            writes, lost, merged = writes + w, lost + lo, merged + m
         check(lost == 0, f"{lost} of {writes} writes lost")
         check(merged > 0, "no page merged while hammering")
         e.d.set(run=0)
-        a.ok(f"check 1 0 {n}")
-        for pg in range(0, n, 2):
-            b.ok(f"check 1 {pg} 1")
+        check_single_page_twins(a, b, n)
         print(f"  {writes} writes, {merged} pages merged meanwhile, "
               f"{shared(a, b)} shared at the end", flush=True)
 
@@ -1134,11 +1135,12 @@ def max_map_count(value):
             f.write(old)
 
 
-def single_page_twins(e, n):
+def single_page_twins(e, n, env=None):
     """Two programs of n pages, not yet opted in, whose every other page
     is a duplicate (seed 1) and the others their own (seeds 2 and 3):
-    every merge is one page, a mapping of its own."""
-    a, b = e.proc(), e.proc()
+    every merge is one page, a mapping of its own.  env: the first
+    one's environment, added."""
+    a, b = e.proc(**({"env": env} if env else {})), e.proc()
     for p, own in ((a, 2), (b, 3)):
         p.map(n)
         p.ok(f"fill 1 0 {n}")
@@ -1147,11 +1149,16 @@ def single_page_twins(e, n):
     return a, b
 
 
+def check_single_page(p, own, n):
+    """p's pages as single_page_twins made them, own its seed."""
+    for pg in range(0, n, 2):
+        p.ok(f"check 1 {pg} 1")
+        p.ok(f"check {own} {pg + 1} 1")
+
+
 def check_single_page_twins(a, b, n):
     for p, own in ((a, 2), (b, 3)):
-        for pg in range(0, n, 2):
-            p.ok(f"check 1 {pg} 1")
-            p.ok(f"check {own} {pg + 1} 1")
+        check_single_page(p, own, n)
 
 
 def test_map_budget():
