@@ -311,6 +311,7 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 	agent_release_scratch(a);	/* (out of the twin's copy too) */
 	agent_merge_again(a, m->items, out.r, m->merge->nitems);
 	agent_release_scratch(a);
+	agent_drop_view(a, false);	/* once a second: see merge.c */
 	out.d.figs = a->figs;
 	out.d.batch = m->merge->batch;
 	out.d.nitems = m->merge->nitems;
@@ -334,6 +335,22 @@ static void handle_unmerge(struct sp_agent *a)
 	f = a->figs;
 	sp_send(a->sock, SP_UNMERGE_DONE, &f, sizeof(f));
 	pthread_mutex_unlock(&a->lock);
+}
+
+/* How long to wait for the daemon: for ever, unless a sweep (merge-any)
+ * or the pool view (merge.c, agent_drop_view) is due. */
+static int poll_ms(const struct sp_agent *a, uint64_t now)
+{
+	uint64_t due = agent_view_due_ms(a);
+	int ms = a->merge_any ? 1000 : -1;
+
+	if (due != UINT64_MAX) {
+		uint64_t left = due > now ? due - now + 1 : 0;
+
+		if (ms < 0 || left < (uint64_t)ms)
+			ms = (int)left;
+	}
+	return ms;
 }
 
 static void *agent_main(void *arg)
@@ -361,8 +378,13 @@ static void *agent_main(void *arg)
 				agent_sweep_any(a);
 			pthread_mutex_unlock(&a->lock);
 		}
-		if (poll(pfd, 2, a->merge_any ? 1000 : -1) < 0 &&
-		    errno != EINTR)
+		/* pool pages left in the view since a batch (merge.c) */
+		if (now >= agent_view_due_ms(a)) {
+			pthread_mutex_lock(&a->lock);
+			agent_drop_view(a, true);
+			pthread_mutex_unlock(&a->lock);
+		}
+		if (poll(pfd, 2, poll_ms(a, now)) < 0 && errno != EINTR)
 			break;
 		if (pfd[1].revents) {
 			/* from the pipe's number now (non-blocking) */

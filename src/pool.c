@@ -302,7 +302,9 @@ uint64_t pool_meta_bytes(const struct pool *p)
 	return (uint64_t)p->cap * sizeof(struct slot) +
 	       p->ixcap * sizeof(struct ixent) +
 	       (uint64_t)(p->nfree - p->fhead) * sizeof(uint32_t) +
-	       (uint64_t)(p->populated - p->bump) * SP_PAGE; /* not used yet */
+	       (uint64_t)(p->populated - p->bump) * SP_PAGE + /* not used yet */
+	       (uint64_t)(p->used - p->shared) * SP_PAGE; /* nobody's: leased,
+							    * or to be freed */
 }
 
 /* Mark cand[i] = 1 for slots nobody references in our books and that our
@@ -370,11 +372,19 @@ static void gc_process(struct pool *p, const char *pid, uint8_t *cand)
 	while (fgets(line, sizeof(line), f)) {
 		unsigned long long s, e, off, ino;
 		unsigned maj, mnr;
+		char perms[8];
 
 		if (!strstr(line, SP_POOL_NAME))
 			continue;
-		if (sscanf(line, "%llx-%llx %*s %llx %x:%x %llu", &s, &e, &off,
-			   &maj, &mnr, &ino) != 6 || ino != p->ino)
+		if (sscanf(line, "%llx-%llx %7s %llx %x:%x %llu", &s, &e, perms,
+			   &off, &maj, &mnr, &ino) != 7 || ino != p->ino)
+			continue;
+		/* A shared mapping is an agent's view of the pool, never a
+		 * program's memory: the agent reads leased slots there, and
+		 * empties it once a second (merge.c, agent_drop_view).  A
+		 * page still present in it shows in our own mapping, not
+		 * exclusive any more (gc_candidates), and waits. */
+		if (perms[3] == 's')
 			continue;
 		gc_vma(pmfd, s, e, off / SP_PAGE, p->bump, cand);
 	}

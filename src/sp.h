@@ -183,6 +183,9 @@ struct sp_agent {
 	char sockpath[108];
 	uint8_t *pool;		/* read-only view of the pool */
 	uint64_t pool_bytes;
+	uint64_t view_lo, view_hi;	/* slots the view may hold since
+					 * agent_drop_view (merge.c) */
+	uint64_t view_since_ms;		/* the first of them touched */
 	unsigned warned_pool;	/* "outside the pool" said once */
 	uint8_t *scratch;	/* SP_SCRATCH_MAP bytes, registered */
 	uint8_t *slot;		/* the current item's part of scratch */
@@ -211,6 +214,8 @@ struct sp_agent {
 extern struct sp_agent sp_agent;
 
 void agent_release_scratch(struct sp_agent *a);
+void agent_drop_view(struct sp_agent *a, bool now);
+uint64_t agent_view_due_ms(const struct sp_agent *a);
 void agent_let_in(struct sp_agent *a);
 void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 		       struct sp_item_result *res, size_t nitems);

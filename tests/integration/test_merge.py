@@ -3,6 +3,7 @@
 counters and formulas, /proc/meminfo, copy-on-write, zero pages, runs,
 and every way of unmerging."""
 import os
+import struct
 import sys
 import time
 
@@ -804,6 +805,71 @@ def test_readonly_pages_put_back_stay_readonly():
         a.ok(f"check 1 0 {n}")
 
 
+def view_pages(p):
+    """Pages present in p's read-only shared mappings of the pool: the
+    agent's view, where it reads pool pages to compare them."""
+    n = 0
+    with open(f"/proc/{p.pid}/maps") as f:
+        for ln in f:
+            v = ln.split()
+            if len(v) < 6 or "samepage-pool" not in ln or v[1][3] != "s":
+                continue
+            s, end = (int(x, 16) for x in v[0].split("-"))
+            with open(f"/proc/{p.pid}/pagemap", "rb") as pm:
+                pm.seek(s // 4096 * 8)
+                left = (end - s) // 4096
+                while left:
+                    raw = pm.read(8 * min(left, 65536))
+                    if not raw:
+                        break
+                    n += sum(1 for (x,) in struct.iter_unpack("<Q", raw)
+                             if x >> 63)
+                    left -= len(raw) // 8
+    return n
+
+
+def test_pool_freed_while_programs_live():
+    """Pool pages nobody maps any more are freed while the programs that
+    merged them still run: long runs and single pages, written over by
+    both programs.  The agents' views of the pool must not hold them:
+    until 2026-12-05 every pool page an agent had compared stayed
+    present in its view, and the pool never shrank while a program
+    lived (2,000 pages of 2,000 left after 20 s)."""
+    n = 2000
+    with Env() as e:
+        a, b = twins(e, n)
+        converge(e.d, "pages_sharing", n)
+        for p, seed in ((a, 2), (b, 3)):
+            p.ok(f"fill {seed} 0 {n}")
+        st = wait_for(lambda: (lambda s: s if s["pool_pages"] == 0
+                               else None)(e.d.status()), 20)
+        check(st, f"{e.d.status()['pool_pages']} pool pages left after "
+              f"both programs wrote all {n}; in the agents' views: "
+              f"{view_pages(a)} and {view_pages(b)}")
+        # single pages: every other page equal in both again
+        for p in (a, b):
+            for pg in range(0, n, 2):
+                p.ok(f"fill 4 {pg} 1")
+        converge(e.d, "pages_sharing", n // 2)
+        check(shared(a, b) == n // 2,
+              f"{shared(a, b)} of {n // 2} single pages shared")
+        for p, seed in ((a, 5), (b, 6)):
+            for pg in range(0, n, 2):
+                p.ok(f"fill {seed} {pg} 1")
+        st = wait_for(lambda: (lambda s: s if s["pool_pages"] == 0
+                               else None)(e.d.status()), 20)
+        check(st, f"{e.d.status()['pool_pages']} pool pages left after "
+              f"the single pages were written; in the agents' views: "
+              f"{view_pages(a)} and {view_pages(b)}")
+        for p in (a, b):
+            check(view_pages(p) == 0,
+                  f"{view_pages(p)} pool pages present in a view")
+        for p, seed, own in ((a, 5, 2), (b, 6, 3)):
+            for pg in range(0, n, 2):
+                p.ok(f"check {seed} {pg} 1")
+                p.ok(f"check {own} {pg + 1} 1")
+
+
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_two_processes_share,
@@ -832,4 +898,5 @@ if __name__ == "__main__":
         test_protection_kept,
         test_readonly_writes_fault_during_merge,
         test_readonly_pages_put_back_stay_readonly,
+        test_pool_freed_while_programs_live,
     ]))

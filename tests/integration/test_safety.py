@@ -588,6 +588,47 @@ def test_fork_child_and_gc():
         check(st, f"pool still holds {e.d.status()['pool_pages']} pages")
 
 
+def test_freed_slots_reused_keep_contents():
+    """Pool pages are freed while the programs live (the agents' views
+    emptied) and their slots used again, round after round, while other
+    pool pages stay mapped: in each round both programs take a new
+    content and merge it, then one writes over half of it and the other
+    keeps that half, alone on its pool pages, through a few GCs.  GC must
+    free only what nobody maps (no page read as zeros: byte for byte)
+    and free the rest; the 4,096 freed slots pool.c waits for before it
+    reuses any are passed in the third round."""
+    n, half = 3000, 1500
+    with Env() as e:
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(n)
+        for r in range(1, 6):
+            seed = 10 + r
+            for p in (a, b):
+                p.ok(f"fill {seed} 0 {n}")
+                if r == 1:
+                    p.ok("merge")
+            st = wait_for(lambda: (lambda s: s if s["pages_sharing"] >= n
+                                   and s["pool_pages"] <= n + 64
+                                   else None)(e.d.status()), 30)
+            check(st, f"round {r}: not merged, or the last round's pool "
+                  f"pages not freed: {e.d.status()}")
+            check(shared(a, b) == n, f"round {r}: {shared(a, b)} shared")
+            a.ok(f"fill {100 + r} 0 {half}")
+            time.sleep(2.5)  # GCs, b alone on half of the pool pages
+            b.ok(f"check {seed} 0 {n}")
+            a.ok(f"check {100 + r} 0 {half}")
+            a.ok(f"check {seed} {half} {n - half}")
+        b.ok(f"fill 200 0 {half}")
+        st = wait_for(lambda: (lambda s: s if s["pool_pages"] <= n - half
+                               + 64 else None)(e.d.status()), 30)
+        check(st, f"pool pages nobody maps not freed: {e.d.status()}")
+        a.ok(f"check 105 0 {half}")
+        b.ok(f"check 200 0 {half}")
+        for p in (a, b):
+            p.ok(f"check 15 {half} {n - half}")
+
+
 def test_exec_stays_under_samepage():
     """An exec'd child is under samepage again through the environment."""
     with Env() as e:
@@ -1410,6 +1451,7 @@ if __name__ == "__main__":
         test_odirect_reads_while_merging,
         test_fork_shared_pages_while_writing,
         test_fork_child_and_gc,
+        test_freed_slots_reused_keep_contents,
         test_exec_stays_under_samepage,
         test_unshare_user_namespace,
         test_signals_stay_with_the_program,

@@ -51,6 +51,7 @@ static void pool_lookup_compares_content(void **state)
 {
 	struct pool p;
 	uint32_t a, b;
+	uint64_t meta;
 
 	(void)state;
 	assert_int_equal(pool_init(&p, 64 << 20), 0);
@@ -65,13 +66,16 @@ static void pool_lookup_compares_content(void **state)
 	assert_int_equal(pool_lookup(&p, 42, other), b);
 	assert_int_equal(pool_lookup(&p, 42, page), a);
 	assert_memory_equal(p.base + (uint64_t)a * SP_PAGE, page, SP_PAGE);
+	meta = pool_meta_bytes(&p);	/* a and b nobody's: metadata */
 	pool_ref(&p, a);
 	pool_ref(&p, a);
 	assert_int_equal(p.shared, 1);
 	assert_int_equal(p.total_refs, 2);
+	assert_int_equal(pool_meta_bytes(&p), meta - SP_PAGE);
 	pool_unref(&p, a);
 	pool_unref(&p, a);
 	assert_int_equal(p.shared, 0);
+	assert_int_equal(pool_meta_bytes(&p), meta);
 }
 
 /*
@@ -181,6 +185,77 @@ static void gc_spares_mapped_slots(void **state)
 	}
 	assert_int_equal(pool_gc(&p), 1);	/* now a too */
 	(void)b;
+}
+
+/*
+ * An agent's view of the pool (a shared, read-only mapping of all of it)
+ * does not keep slots from being freed: only a page present in it does,
+ * which shows in the daemon's own mapping (not exclusive).  Until
+ * 2026-12-05 every view kept every slot, and the pool never shrank while
+ * a program lived.
+ */
+static void gc_passes_over_views(void **state)
+{
+	struct pool p;
+	uint32_t a, b;
+	uint8_t *v;
+	pid_t pid;
+	int up[2], down[2];
+	char c;
+
+	(void)state;
+	assert_int_equal(pool_init(&p, 64 << 20), 0);
+	memset(page, 6, sizeof(page));
+	memset(other, 7, sizeof(other));
+	a = pool_alloc(&p, 1, page);
+	b = pool_alloc(&p, 2, other);
+	assert_int_equal(b, a + 1);
+	assert_int_equal(pipe(up), 0);
+	assert_int_equal(pipe(down), 0);
+	pid = fork();
+	if (pid == 0) {
+		volatile uint8_t x;
+
+		close(up[0]);	/* EOF, not a hang, if the parent fails */
+		close(down[1]);
+		munmap(p.base, p.bytes);
+		v = mmap(NULL, p.bytes, PROT_READ, MAP_SHARED | MAP_NORESERVE,
+			 p.fd, 0);
+		if (v == MAP_FAILED)
+			_exit(1);
+		x = v[(size_t)a * SP_PAGE];	/* a present in the view */
+		(void)x;
+		if (write(up[1], "x", 1) != 1 || read(down[0], &c, 1) != 1)
+			_exit(1);
+		/* the view emptied, as the agent does (b too: fault-around
+		 * may have mapped it beside a) */
+		madvise(v + (size_t)a * SP_PAGE, 2 * SP_PAGE, MADV_DONTNEED);
+		if (write(up[1], "x", 1) != 1 || read(down[0], &c, 1) != 1)
+			_exit(1);
+		_exit(0);
+	}
+	assert_int_equal(read(up[0], &c, 1), 1);
+	/* fault-around may have mapped b beside a: then neither goes */
+	{
+		uint64_t freed = pool_gc(&p);
+
+		assert_true(freed <= 1);
+		assert_true(p.s[a].used);
+		assert_int_equal(pool_lookup(&p, 1, page), a);
+	}
+	assert_int_equal(write(down[1], "y", 1), 1);
+	assert_int_equal(read(up[0], &c, 1), 1);	/* a dropped */
+	pool_gc(&p);
+	assert_false(p.s[a].used);
+	assert_false(p.s[b].used);
+	assert_int_equal(p.used, 0);
+	assert_int_equal(write(down[1], "y", 1), 1);
+	{
+		int st;
+
+		assert_int_equal(waitpid(pid, &st, 0), pid);
+		assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	}
 }
 
 /*
@@ -370,6 +445,7 @@ int main(void)
 		cmocka_unit_test(pool_lookup_compares_content),
 		cmocka_unit_test(pool_index_survives_growth_and_removal),
 		cmocka_unit_test(gc_spares_mapped_slots),
+		cmocka_unit_test(gc_passes_over_views),
 		cmocka_unit_test(read_pages_in_runs),
 		cmocka_unit_test(read_pages_copies_nothing),
 	};
