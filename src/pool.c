@@ -471,18 +471,28 @@ uint64_t pool_gc(struct pool *p)
 			gc_process(p, de->d_name, cand);
 	closedir(dir);
 	gc_blocks(p, cand, false);
-	for (uint32_t i = 0; i < p->bump; i++) {
-		if (!cand[i])
-			continue;
+	/* Consecutive slots in one punch: each walks the pool file's tree
+	 * of mappings (every program's pool mappings).  A page a punch cost
+	 * 5 us here, 130 to 190 ms a GC once cow-storm's old pages went. */
+	for (uint32_t i = 0, j; i < p->bump; i = j) {
+		for (; i < p->bump && !cand[i]; i++)
+			;
+		for (j = i; j < p->bump && cand[j]; j++)
+			;
+		if (j == i)
+			break;
 		if (fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-			      (off_t)i * (off_t)SP_PAGE, SP_PAGE) < 0) {
-			log_warn("punch pool slot %u", i);
+			      (off_t)i * (off_t)SP_PAGE,
+			      (off_t)(j - i) * (off_t)SP_PAGE) < 0) {
+			log_warn("punch pool slots %u to %u", i, j - 1);
 			continue;
 		}
-		if (!p->s[i].copy)
-			p->s[i].blk = p->s[i].blen = 0;
-		gc_free(p, i);
-		freed++;
+		for (uint32_t k = i; k < j; k++) {
+			if (!p->s[k].copy)
+				p->s[k].blk = p->s[k].blen = 0;
+			gc_free(p, k);
+			freed++;
+		}
 	}
 out:
 	free(cand);
