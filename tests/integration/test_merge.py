@@ -829,6 +829,15 @@ def view_pages(pid):
     return n
 
 
+def pool_emptied(e, a, b, after):
+    """Wait until the pool holds no page; a and b are the programs."""
+    st = wait_for(lambda: (lambda s: s if s["pool_pages"] == 0
+                           else None)(e.d.status()), 20)
+    check(st, f"{e.d.status()['pool_pages']} pool pages left after "
+          f"{after}; in the agents' views: {view_pages(a.pid)} and "
+          f"{view_pages(b.pid)}")
+
+
 def test_pool_freed_while_programs_live():
     """Pool pages nobody maps any more are freed while the programs that
     merged them still run: long runs and single pages, written over by
@@ -842,11 +851,7 @@ def test_pool_freed_while_programs_live():
         converge(e.d, "pages_sharing", n)
         for p, seed in ((a, 2), (b, 3)):
             p.ok(f"fill {seed} 0 {n}")
-        st = wait_for(lambda: (lambda s: s if s["pool_pages"] == 0
-                               else None)(e.d.status()), 20)
-        check(st, f"{e.d.status()['pool_pages']} pool pages left after "
-              f"both programs wrote all {n}; in the agents' views: "
-              f"{view_pages(a.pid)} and {view_pages(b.pid)}")
+        pool_emptied(e, a, b, f"both programs wrote all {n}")
         # single pages: every other page equal in both again
         for p in (a, b):
             for pg in range(0, n, 2):
@@ -857,11 +862,7 @@ def test_pool_freed_while_programs_live():
         for p, seed in ((a, 5), (b, 6)):
             for pg in range(0, n, 2):
                 p.ok(f"fill {seed} {pg} 1")
-        st = wait_for(lambda: (lambda s: s if s["pool_pages"] == 0
-                               else None)(e.d.status()), 20)
-        check(st, f"{e.d.status()['pool_pages']} pool pages left after "
-              f"the single pages were written; in the agents' views: "
-              f"{view_pages(a.pid)} and {view_pages(b.pid)}")
+        pool_emptied(e, a, b, "the single pages were written")
         for p in (a, b):
             check(view_pages(p.pid) == 0,
                   f"{view_pages(p.pid)} pool pages present in a view")

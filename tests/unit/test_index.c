@@ -140,6 +140,18 @@ static void pool_index_survives_growth_and_removal(void **state)
 	}
 }
 
+/* A new pool with two slots side by side, of bytes `fill` and fill + 1
+ * (hashes 1 and 2): a, and b = a + 1. */
+static void two_slots(struct pool *p, uint32_t *a, uint32_t *b, int fill)
+{
+	assert_int_equal(pool_init(p, 64 << 20), 0);
+	memset(page, fill, sizeof(page));
+	memset(other, fill + 1, sizeof(other));
+	*a = pool_alloc(p, 1, page);
+	*b = pool_alloc(p, 2, other);
+	assert_int_equal(*b, *a + 1);
+}
+
 static void gc_spares_mapped_slots(void **state)
 {
 	struct pool p;
@@ -150,11 +162,7 @@ static void gc_spares_mapped_slots(void **state)
 	char c;
 
 	(void)state;
-	assert_int_equal(pool_init(&p, 64 << 20), 0);
-	memset(page, 3, sizeof(page));
-	memset(other, 4, sizeof(other));
-	a = pool_alloc(&p, 1, page);
-	b = pool_alloc(&p, 2, other);
+	two_slots(&p, &a, &b, 3);
 	/* A child maps slot a privately without touching it: no PTE, no
 	 * mapcount; GC must still see its VMA and spare the slot. */
 	assert_int_equal(pipe(up), 0);
@@ -204,12 +212,7 @@ static void gc_passes_over_views(void **state)
 	char c;
 
 	(void)state;
-	assert_int_equal(pool_init(&p, 64 << 20), 0);
-	memset(page, 6, sizeof(page));
-	memset(other, 7, sizeof(other));
-	a = pool_alloc(&p, 1, page);
-	b = pool_alloc(&p, 2, other);
-	assert_int_equal(b, a + 1);
+	two_slots(&p, &a, &b, 6);
 	assert_int_equal(pipe(up), 0);
 	assert_int_equal(pipe(down), 0);
 	pid = fork();
