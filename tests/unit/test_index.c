@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -262,6 +263,69 @@ static void gc_passes_over_views(void **state)
 }
 
 /*
+ * A mapping of the pool that moves while GC reads the maps.  The kernel
+ * lets go of a process's mmap lock between reads of its maps (a page of
+ * text at a time), so a mapping moved from an address not yet read to
+ * one already read is in neither.  A child maps slot a privately without
+ * touching it (no PTE: only its VMA says it maps the slot), behind 600
+ * mappings of its own, and moves it from one end to the other and back,
+ * a move every 5 ms.  GC must never free slot a.  With one read of the
+ * maps it did within 400 GCs; it reads them until two reads agree now.
+ * A move during each of two reads in a row can still beat that (moves
+ * without pause did: docs/design.md, Pool lifetime).
+ */
+static void gc_misses_no_moving_mapping(void **state)
+{
+	enum { PAD = 1200 };
+	struct pool p;
+	uint32_t a, b;
+	uint8_t *r, *lo, *hi;
+	pid_t pid;
+	int up[2];
+	char c;
+
+	(void)state;
+	two_slots(&p, &a, &b, 8);
+	assert_int_equal(pipe(up), 0);
+	pid = fork();
+	if (pid == 0) {
+		close(up[0]);
+		munmap(p.base, p.bytes);
+		r = mmap(NULL, PAD * SP_PAGE, PROT_NONE,
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (r == MAP_FAILED)
+			_exit(1);
+		for (size_t i = 1; i < PAD - 1; i += 2)	/* 600 VMAs */
+			mprotect(r + i * SP_PAGE, SP_PAGE, PROT_READ);
+		lo = r;
+		hi = r + (PAD - 1) * SP_PAGE;
+		if (mmap(lo, SP_PAGE, PROT_READ, MAP_PRIVATE | MAP_FIXED, p.fd,
+			 (off_t)a * SP_PAGE) != lo ||
+		    write(up[1], "x", 1) != 1)
+			_exit(1);
+		for (;;) {
+			if (mremap(lo, SP_PAGE, SP_PAGE,
+				   MREMAP_MAYMOVE | MREMAP_FIXED, hi) != hi)
+				_exit(1);
+			usleep(5000);
+			if (mremap(hi, SP_PAGE, SP_PAGE,
+				   MREMAP_MAYMOVE | MREMAP_FIXED, lo) != lo)
+				_exit(1);
+			usleep(5000);
+		}
+	}
+	close(up[1]);
+	assert_int_equal(read(up[0], &c, 1), 1);
+	for (int i = 0; i < 400 && p.s[a].used; i++)
+		pool_gc(&p);
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	assert_true(p.s[a].used);	/* never freed while mapped */
+	assert_false(p.s[b].used);
+	assert_int_equal(pool_gc(&p), 1);	/* a once the child is gone */
+}
+
+/*
  * Blocks: copies of a slot's page on consecutive slots, made only once
  * its references pay for them (64 a copy), freed with the slot or let
  * go when few of them are mapped.
@@ -449,6 +513,7 @@ int main(void)
 		cmocka_unit_test(pool_index_survives_growth_and_removal),
 		cmocka_unit_test(gc_spares_mapped_slots),
 		cmocka_unit_test(gc_passes_over_views),
+		cmocka_unit_test(gc_misses_no_moving_mapping),
 		cmocka_unit_test(read_pages_in_runs),
 		cmocka_unit_test(read_pages_copies_nothing),
 	};
