@@ -363,7 +363,9 @@ struct pvma {
 
 /*
  * The private mappings of the pool in one process, from its maps, into
- * *v (grown as needed); their number, or -1 if the maps cannot be read.
+ * *v (grown as needed); their number, -1 if the maps cannot be opened
+ * (the process is gone, or not ours to read), -2 if they cannot be kept
+ * (no memory).
  * A shared mapping is an agent's view of the pool, never a program's
  * memory: the agent reads leased slots there, and empties it once a
  * second (merge.c, agent_drop_view).  A page still present in it shows
@@ -396,7 +398,7 @@ static long pool_vmas(const struct pool *p, const char *pid,
 
 			if (!nv) {
 				fclose(f);
-				return -1;
+				return -2;
 			}
 			*v = nv;
 			*cap = c;
@@ -437,11 +439,11 @@ static void gc_process(struct pool *p, const char *pid, uint8_t *cand)
 		       (!n[k] || memcmp(v[k], v[k ^ 1],
 					(size_t)n[k] * sizeof(**v)) == 0);
 	}
-	if (n[k] < 0)
+	if (n[k] == -1)
 		return;		/* gone (or not ours to read, as before) */
-	if (!same) {
-		log_debug("pid %s: its mappings of the pool kept moving; "
-			  "nothing freed this time", pid);
+	if (!same) {	/* kept moving, or no memory: cannot tell */
+		log_debug("pid %s: its mappings of the pool not read twice "
+			  "alike; nothing freed this time", pid);
 		memset(cand, 0, p->bump);
 		return;
 	}

@@ -389,6 +389,7 @@ struct daemon {
 	int unmerge_waiter;	/* CLI fd waiting for run=2, or -1 */
 	uint64_t unmerge_deadline;
 	uint64_t last_gc;
+	uint64_t gc_cost_ms;	/* the last GC's (scan.c, end_pass) */
 };
 
 int pool_init(struct pool *p, uint64_t bytes);
