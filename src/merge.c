@@ -32,8 +32,9 @@
  * (An earlier version mapped at a temporary address and mremap'ed it
  * over the hole; mremap's TLB flush made it the costliest step.)
  * After the batch, pages MOVE refused because the program wrote them
- * after an earlier merge (private copies in pool mappings) are made
- * anonymous again and merged (agent_merge_again, below).
+ * after an earlier merge (private copies in pool mappings) are merged
+ * where they are if they equal their pool pages, else made anonymous
+ * again and merged (agent_merge_again, below).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -66,8 +67,8 @@ static const uint64_t recount_ms = 5000;
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
  * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
- * latepin, nopincheck, notwin, noreclaim, regrun, nostage, releasegap
- * and checkgap.  Read
+ * latepin, nopincheck, notwin, noreclaim, nodirect, nocopy, regrun,
+ * nostage, releasegap and checkgap.  Read
  * once; merges run one at a time under the agent lock. */
 bool agent_fault(const char *what)
 {
@@ -441,20 +442,21 @@ static void refill(struct sp_agent *a, uintptr_t addr, const uint8_t *pool,
 
 /*
  * Is [addr, addr + n pages) still the empty, registered hole this merge
- * made (with write-protection: the protected pages)?  A raw munmap(2)
+ * made (in_place, with write-protection: the protected pages)?  A raw munmap(2)
  * that bypassed the lock (libc's own, when free(3) returns a big block)
  * may have taken it since, and a raw mmap may have put a fresh mapping
  * there, which is the program's: the pool must not be mapped over it.
  * A run across a VMA boundary is asked page by page.  Only the instant
  * between this and the mmap stays open.
  */
-static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n)
+static bool still_ours(struct sp_agent *a, uintptr_t addr, size_t n,
+		       bool in_place)
 {
 	uintptr_t hole = (uintptr_t)a->scratch + SP_SCRATCH_PAGES * SP_PAGE;
 	uint64_t pm[SP_ITEM_PAGES];
 	int r;
 
-	if (a->safety == SP_SAFETY_WP) {
+	if (in_place) {
 		/* no hole: the pages compared are still there, present and
 		 * write-protected by this merge (a fresh mapping of the
 		 * program's never is) */
@@ -581,25 +583,43 @@ static void *map_staged(struct sp_agent *a, uintptr_t addr, size_t len,
 }
 
 /*
- * Do the n pages at addr hold the bytes of the agent's pool view at
- * pool?  Read through /proc/self/mem into the comparison buffer, not in
- * place: a raw munmap (libc's) since the mapping was made would make
- * that a SIGSEGV in this thread.
+ * Which of the n pages at addr hold the bytes of the agent's pool view at
+ * pool?  eq[i] for page i, or with eq NULL up to the first that does not.
+ * Returns how many do.  Read through /proc/self/mem into the comparison
+ * buffer, not in place: a raw munmap (libc's) since the mapping was made
+ * would make that a SIGSEGV in this thread.  And without a pin, which
+ * would give a page shared with a twin (below) a copy of its own.
  */
+static size_t equal_pages(struct sp_agent *a, uintptr_t addr,
+			  const uint8_t *pool, size_t n, uint8_t *eq)
+{
+	size_t got = 0;
+
+	for (size_t c = 0; c < n; c += SP_CMP_PAGES) {
+		size_t m = n - c < SP_CMP_PAGES ? n - c : SP_CMP_PAGES;
+
+		if (a->memfd < 0 ||
+		    pread(a->memfd, a->cmpbuf, m * SP_PAGE,
+			  (off_t)(addr + c * SP_PAGE)) != (ssize_t)(m * SP_PAGE))
+			return got;
+		for (size_t k = 0; k < m; k++) {
+			bool e = memcmp(a->cmpbuf + k * SP_PAGE,
+					pool + (c + k) * SP_PAGE, SP_PAGE) == 0;
+
+			if (!eq && !e)
+				return got;
+			if (eq)
+				eq[c + k] = e;
+			got += e;
+		}
+	}
+	return got;
+}
+
 static bool same_bytes(struct sp_agent *a, uintptr_t addr,
 		       const uint8_t *pool, size_t n)
 {
-	for (size_t c = 0; c < n; c += SP_CMP_PAGES) {
-		size_t len = (n - c < SP_CMP_PAGES ? n - c : SP_CMP_PAGES) *
-			     SP_PAGE;
-
-		if (a->memfd < 0 ||
-		    pread(a->memfd, a->cmpbuf, len,
-			  (off_t)(addr + c * SP_PAGE)) != (ssize_t)len ||
-		    memcmp(a->cmpbuf, pool + c * SP_PAGE, len) != 0)
-			return false;
-	}
-	return true;
+	return equal_pages(a, addr, pool, n, NULL) == n;
 }
 
 /*
@@ -656,7 +676,7 @@ static bool read_back(struct sp_agent *a, uintptr_t addr,
  *   other    nothing mapped; the hole is there for move_back
  */
 static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
-		   size_t n, int prot, const uint8_t *saved)
+		   size_t n, int prot, const uint8_t *saved, bool in_place)
 {
 	size_t len = n * SP_PAGE;
 	const uint8_t *pool = a->pool + pgoff * SP_PAGE;
@@ -667,7 +687,7 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 		a->figs.budget_refusals += n;
 		return -ENOMEM;
 	}
-	if (!still_ours(a, addr, n))	/* never over the program's own */
+	if (!still_ours(a, addr, n, in_place))	/* never the program's own */
 		return -ENOENT;
 	/* The raw system call, not the next mmap: for the program these
 	 * bytes do not change, and a sanitizer's interceptor would take the
@@ -685,7 +705,7 @@ static int map_run(struct sp_agent *a, uintptr_t addr, uint64_t pgoff,
 		int err = agent_fault("map") || agent_fault("mapgap")
 				  ? -ENOMEM : -errno;
 
-		if (keep_hole(a, addr, len) && a->safety == SP_SAFETY_WP)
+		if (keep_hole(a, addr, len) && in_place)
 			refill(a, addr, pool, len);
 		return err;
 	}
@@ -879,7 +899,7 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 		/* With write-protection the pages are still there: dropped
 		 * first (an access meanwhile waits, MISSING mode). */
 		if (a->safety == SP_SAFETY_WP &&
-		    (!still_ours(a, at, n) ||
+		    (!still_ours(a, at, n, true) ||
 		     (sys_madvise((void *)at, n * SP_PAGE,
 				  MADV_DONTNEED_LOCKED) < 0 &&
 		      sys_madvise((void *)at, n * SP_PAGE, MADV_DONTNEED) < 0)))
@@ -894,8 +914,8 @@ static int merge_run(struct sp_agent *a, const struct sp_item *it,
 	if (prot < 0 || mark_merged(a, at, at + n * SP_PAGE) < 0)
 		return 0;
 	r = map_run(a, at, it->pgoff + i, n, prot,
-		    a->safety == SP_SAFETY_MOVE ? a->slot + i * SP_PAGE
-						: NULL);
+		    a->safety == SP_SAFETY_MOVE ? a->slot + i * SP_PAGE : NULL,
+		    a->safety == SP_SAFETY_WP);
 	if (r < 0 && r != -EIO)
 		return 0;
 	if (r == -EIO) {
@@ -1161,6 +1181,7 @@ static int merge_wp(struct sp_agent *a, const struct sp_item *it,
  * and 23 ms at most over 256 reclaims (cow-storm, 2026-12-04).
  */
 #define AGAIN_PAGES 1024
+#define NO_POOL_PAGE UINT64_MAX	/* a page of a zero item: no pool page */
 _Static_assert(AGAIN_PAGES <= SP_STAGE_PAGES,
 	       "a reclaim's copies fit the stage");
 
@@ -1311,6 +1332,8 @@ static bool cow_copy(uint64_t pm)
 static int copy_run(struct sp_agent *a, uintptr_t m, uintptr_t src,
 		    size_t len)
 {
+	if (agent_fault("nocopy"))
+		return -1;
 	if (uffd_register(a->uffd, m, len, UFFDIO_REGISTER_MODE_MISSING) == 0) {
 		int r = uffd_copy(a->uffd, m, src, len);
 
@@ -1340,6 +1363,137 @@ static bool run_at(const uintptr_t *pg, const uint8_t *on, size_t k,
 }
 
 /*
+ * The last look at pages [k, e) of a reclaim, from k: how far they are
+ * all still the protected copy and shared with the twin (*keep), or all
+ * not.  Returns the end of that stretch; the rest is looked at again.
+ * Not a hole, nor a fresh mapping of the program's put there by a raw
+ * mmap, nor a page pinned since the twin was made: a pin for writing
+ * waits for the protection; one for reading (a device that reads from
+ * the page) makes the page the program's own first, as a write would.
+ * Left as it is, the device would read the old page for as long as it
+ * held it, and never see the program's writes to the new one.  Pinned
+ * pages are marked later[].
+ */
+static size_t last_look(struct sp_agent *a, const uintptr_t *pg, size_t k,
+			size_t e, uint8_t *later, bool *keep)
+{
+	uint64_t pm[SP_ITEM_PAGES];
+	size_t q;
+	bool seen;
+
+	if (e - k > SP_ITEM_PAGES)
+		e = k + SP_ITEM_PAGES;
+	seen = sp_pagemap_read(a->pagemap, pg[k], e - k, pm) == 0;
+	*keep = false;
+	for (q = k; q < e; q++) {
+		bool copy = seen && cow_copy(pm[q - k]);
+		bool pinned = copy && (pm[q - k] & PM_EXCL) &&
+			      !agent_fault("nopincheck");
+
+		if (q == k)
+			*keep = copy && !pinned;
+		else if (*keep != (copy && !pinned))
+			break;
+		if (pinned) {
+			later[q] = 1;
+			a->figs.pinned_skipped++;
+		}
+	}
+	return q;
+}
+
+/* Between a reclaim's look at the pages on[] and their replacement:
+ * SAMEPAGE_FAULT=slowagain holds 100 ms, latepin pins every second page
+ * (a pin for reading taken meanwhile). */
+static void hold_for_tests(struct sp_agent *a, const uintptr_t *pg,
+			   const uint8_t *on, size_t n)
+{
+	if (!memchr(on, 1, n))
+		return;
+	if (agent_fault("slowagain"))
+		usleep(100000);
+	if (agent_fault("latepin"))
+		for (size_t k = 1; k < n; k += 2)
+			if (on[k])
+				pin_briefly(a, pg[k]);
+}
+
+/* The stretch of pages from k with on[] set that follow one another in
+ * memory and in the pool (slot[]), at most SP_ITEM_PAGES, to *e; or page
+ * k alone if it is off, or has no pool page.  Returns whether it is on. */
+static bool pool_run_at(const uintptr_t *pg, const uint64_t *slot,
+			const uint8_t *on, size_t k, size_t n, size_t *e)
+{
+	*e = k + 1;
+	if (!on[k] || slot[k] == NO_POOL_PAGE)
+		return false;
+	while (*e < n && *e - k < SP_ITEM_PAGES && on[*e] &&
+	       pg[*e] == pg[*e - 1] + SP_PAGE && slot[*e] == slot[*e - 1] + 1)
+		(*e)++;
+	return true;
+}
+
+/*
+ * Written pages (cand[], protected, the twin made) whose bytes equal the
+ * pool pages their items name are merged where they are: compared in
+ * place (equal_pages: after the twin, for a page pinned until then may
+ * have been written by its device up to then) and the pool pages mapped
+ * over them, as merge_wp does, once the last look says they are still
+ * the protected copies shared with the twin.  No copy, no mremap, and
+ * no second merge of the copy (register, UFFDIO_MOVE and its TLB
+ * flush).  hit[k]: page k is merged; cand[k] is cleared for every page
+ * taken here.  The rest are made anonymous (reclaim) as before.
+ */
+static void merge_in_place(struct sp_agent *a, const uintptr_t *pg,
+			   const uint64_t *slot, size_t n, uint8_t *cand,
+			   uint8_t *later, uint8_t *hit)
+{
+	uint8_t eq[AGAIN_PAGES] = { 0 };
+	size_t k, e, got = 0;
+
+	if (a->memfd < 0 || agent_fault("nodirect"))
+		return;
+	for (k = 0; k < n; k = e) {
+		const uint8_t *view;
+
+		if (!pool_run_at(pg, slot, cand, k, n, &e) ||
+		    (slot[k] + (e - k)) * SP_PAGE > a->pool_bytes)
+			continue;
+		view = a->pool + slot[k] * SP_PAGE;
+		/* (one call; else a fault a page) */
+		sys_madvise((void *)(uintptr_t)view, (e - k) * SP_PAGE,
+			    MADV_POPULATE_READ);
+		got += equal_pages(a, pg[k], view, e - k, eq + k);
+	}
+	if (!got)
+		return;
+	hold_for_tests(a, pg, eq, n);
+	for (k = 0; k < n; k = e) {
+		bool keep;
+		int r;
+
+		if (!pool_run_at(pg, slot, eq, k, n, &e))
+			continue;
+		e = last_look(a, pg, k, e, later, &keep);
+		memset(cand + k, 0, e - k);
+		if (!keep)
+			continue;
+		if (mark_merged(a, pg[k], pg[e - 1] + SP_PAGE) < 0) {
+			memset(later + k, 1, e - k);
+			continue;
+		}
+		r = map_run(a, pg[k], slot[k], e - k, PROT_READ | PROT_WRITE,
+			    NULL, true);
+		if (r == 0) {
+			memset(hit + k, 1, e - k);
+			a->merged_pages += e - k;
+		} else if (r != -EIO && r != -ENOENT) {
+			memset(later + k, 1, e - k);	/* the budget, say */
+		}
+	}
+}
+
+/*
  * Pages the program wrote after they were merged hold private copies,
  * left in the mapping of the pool file, where UFFDIO_MOVE cannot take
  * them: they could never merge again, even when their bytes come to
@@ -1352,11 +1506,14 @@ static bool run_at(const uintptr_t *pg, const uint8_t *on, size_t k,
  * may be pinned, and only the others are replaced, each stretch after a
  * last look that its pages are still shared with the twin, which lives
  * until then (a pin for reading taken meanwhile would have made a page
- * the program's own).  done[k]: page k is in an anonymous mapping now,
- * its bytes unchanged; later[k]: it may be pinned, or a step failed that
- * may not fail next time (the mapping budget, a twin or a copy that could
- * not be made): worth trying again after the daemon's wait.  Neither: not
- * a private copy in a read-write pool mapping (any more); left alone.
+ * the program's own).  Those whose bytes equal the pool pages their
+ * items name (slot[k]; NO_POOL_PAGE: none) are not copied but merged where
+ * they are (merge_in_place).  hit[k]: page k is merged; done[k]: it is
+ * in an anonymous mapping now, its bytes unchanged; later[k]: it may be
+ * pinned, or a step failed that may not fail next time (the mapping
+ * budget, a twin or a copy that could not be made): worth trying again
+ * after the daemon's wait.  None: not a private copy in a read-write
+ * pool mapping (any more), or a check after mapping failed; left alone.
  *
  * Each step works on runs of consecutive pages, one system call a run:
  * a run written after its merge (a guest rewriting its memory) is
@@ -1364,8 +1521,9 @@ static bool run_at(const uintptr_t *pg, const uint8_t *on, size_t k,
  * a call a page cost three flushes a page (cow-storm: 47 s of CPU to
  * merge 756 MiB again).  What is checked stays per page.
  */
-static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
-		    uint8_t *done, uint8_t *later)
+static void reclaim(struct sp_agent *a, const uintptr_t *pg,
+		    const uint64_t *slot, size_t n, uint8_t *done,
+		    uint8_t *later, uint8_t *hit)
 {
 	uint8_t reg[AGAIN_PAGES] = { 0 }, cand[AGAIN_PAGES] = { 0 };
 	uint8_t rw[AGAIN_PAGES], fork_too[AGAIN_PAGES] = { 0 };
@@ -1441,6 +1599,8 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 			later[k] = 1;
 		}
 	}
+	if (pid > 0)
+		merge_in_place(a, pg, slot, n, cand, later, hit);
 	for (k = 0; k < n; k = e) {	/* the copies, a run at a time */
 		size_t len;
 		long m;
@@ -1465,44 +1625,17 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 			copied[q] = 1;
 		}
 	}
-	if (nc && agent_fault("slowagain"))
-		usleep(100000);	/* widen the window for tests */
-	if (nc && agent_fault("latepin"))	/* a pin taken meanwhile */
-		for (k = 1; k < n; k += 2)
-			if (copied[k])
-				pin_briefly(a, pg[k]);
+	hold_for_tests(a, pg, copied, n);
 	/* Each stretch of a run in its pages' place, right after a look at
-	 * the pages from its start: still the protected copy, and still
-	 * shared with the twin.  Not a hole, nor a fresh mapping of the
-	 * program's put there by a raw mmap, nor a page pinned since the
-	 * twin was made.  A pin for writing waits for the protection; one
-	 * for reading (a device that reads from the page) makes the page
-	 * the program's own first, as a write would.  Left as it is, the
-	 * device would read the old page for as long as it held it, and
-	 * never see the program's writes to the new one.  Runs of copies
-	 * are whole runs of candidates: consecutive in t too. */
+	 * the pages from its start (last_look).  Runs of copies are whole
+	 * runs of candidates: consecutive in t too. */
 	for (k = 0; k < n; k = e) {
-		bool keep = false, seen;
+		bool keep;
 		size_t len;
 
 		if (!run_at(pg, copied, k, n, &e))
 			continue;
-		seen = sp_pagemap_read(a->pagemap, pg[k], e - k, pm + k) == 0;
-		for (q = k; q < e; q++) {
-			bool copy = seen && cow_copy(pm[q]);
-			bool pinned = copy && (pm[q] & PM_EXCL) &&
-				      !agent_fault("nopincheck");
-
-			if (q == k)
-				keep = copy && !pinned;
-			else if (keep != (copy && !pinned))
-				break;
-			if (pinned) {
-				later[q] = 1;
-				a->figs.pinned_skipped++;
-			}
-		}
-		e = q;		/* the stretch; the rest is looked at again */
+		e = last_look(a, pg, k, e, later, &keep);
 		len = (e - k) * SP_PAGE;
 		if (keep && stage_move(a, (long)t[k], len, pg[k])) {
 			a->figs.mappings += 2;
@@ -1536,14 +1669,20 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg, size_t n,
 			continue;
 		/* (a replaced page is registered no more) */
 		for (size_t r = k, re; r < e; r = re) {
-			for (re = r + 1; re < e && done[re] == done[r]; re++)
+			bool gone = done[r] || hit[r];
+
+			for (re = r + 1;
+			     re < e && (done[re] || hit[re]) == gone; re++)
 				;
-			let_go(a, pg[r], (re - r) * SP_PAGE, !done[r]);
+			let_go(a, pg[r], (re - r) * SP_PAGE, !gone);
 		}
 	}
 }
 
-/* reclaim, then merge at once, n pages of a batch: page k is page at[k]
+static void view_touch(struct sp_agent *a, const struct sp_item *it);
+
+/* reclaim, which merges in place the pages equal to their pool pages,
+ * then merge the rest at once, n pages of a batch: page k is page at[k]
  * of item from[k] (in order).  Consecutive pages of one item merge as one
  * run, as they were planned.  Before the time the last twin set, the
  * pages are left to be tried again after the wait for pinned pages. */
@@ -1552,12 +1691,28 @@ static void again(struct sp_agent *a, const struct sp_item *items,
 		  const uint32_t *from, const uint32_t *at, size_t n)
 {
 	uint8_t done[AGAIN_PAGES] = { 0 }, later[AGAIN_PAGES] = { 0 };
+	uint8_t hit[AGAIN_PAGES] = { 0 };
+	uint64_t slot[AGAIN_PAGES];
 	size_t k, e;
 
+	for (k = 0; k < n; k++) {
+		const struct sp_item *it = &items[from[k]];
+
+		slot[k] = it->kind == SP_ITEM_POOL ? it->pgoff + at[k]
+						   : NO_POOL_PAGE;
+		if (k == 0 || from[k] != from[k - 1])
+			view_touch(a, it);
+	}
 	if (sp_now_ms() < a->twin_after_ms)
 		memset(later, 1, n);
 	else
-		reclaim(a, pg, n, done, later);
+		reclaim(a, pg, slot, n, done, later, hit);
+	for (k = 0; k < n; k++)
+		if (hit[k]) {
+			sp_bit_set(res[from[k]].merged, at[k]);
+			res[from[k]].immovable[at[k] / 64] &=
+				~(1ULL << (at[k] % 64));
+		}
 	for (k = 0; k < n; k = e) {
 		struct sp_item sub = items[from[k]];
 		struct sp_item_result sr, *r = &res[from[k]];
@@ -1590,8 +1745,9 @@ static void again(struct sp_agent *a, const struct sp_item *items,
 
 /*
  * After a batch: its pages refused as immovable that hold private copies
- * in pool mappings are made anonymous again (reclaim) and merged at once,
- * with one twin for up to AGAIN_PAGES of them.
+ * in pool mappings are merged where they are, or made anonymous again
+ * and merged at once (reclaim), with one twin for up to AGAIN_PAGES of
+ * them.
  */
 void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 		       struct sp_item_result *res, size_t nitems)

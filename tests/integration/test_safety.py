@@ -296,13 +296,13 @@ def merged_again_intact(a, b, n, seed, timeout):
     check(a.cmd(f"check {seed} 7 1") != "ok", "write to page 7 lost")
 
 
-def test_written_pages_merge_again():
+def test_written_pages_merge_again(fault=None):
     """Pages written after a merge, by both programs with the same bytes,
     are duplicates again: they merge again, as under KSM.  Bytes and
     copy-on-write hold after."""
     n = 3000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n)
+        a, b = twins(e, n, fault=fault)
         converge(e.d, "pages_sharing", n)
         for p in (a, b):
             p.ok(f"fill 5 0 {n}")
@@ -311,6 +311,26 @@ def test_written_pages_merge_again():
         # moment (MADV_DONTFORK): a child of the program's has it again
         b.ok("forkmap 0 5")
         check(b.ok("wait") == "0", "the child did not see its region")
+
+
+def test_written_pages_merge_again_by_copies():
+    """The same, with the first program's written pages made anonymous
+    again first (copies put in their place) and then merged, as pages
+    that differ from the pool pages the daemon named are:
+    SAMEPAGE_FAULT=nodirect leaves out merging them where they are."""
+    test_written_pages_merge_again("nodirect")
+
+
+def test_written_pages_merge_in_place():
+    """Written pages that equal the pool pages the daemon names are
+    merged where they are, once write-protected and shown unpinned by
+    the twin: no copy is needed.  SAMEPAGE_FAULT=nocopy makes every copy
+    fail, and all the pages still merge again, bytes and copy-on-write
+    intact (with merging in place left out as well, none would)."""
+    n = 3000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b, _ = written_twins(e, n, "nocopy")
+        merged_again_intact(a, b, n, 1, 30)
 
 
 def test_written_pages_merge_again_a_page_at_a_time():
@@ -363,14 +383,15 @@ def test_small_stack():
         b.ok(f"check 5 0 {n}")
 
 
-def test_merge_again_while_writing():
-    """Pages written after a merge with the same bytes are made anonymous
-    again to be merged (each batch of them held 100 ms between the copies
-    and the mremaps) while writer threads write into them: every write
-    stays (each thread's last word in a page is checked at the end)."""
+def test_merge_again_while_writing(fault="slowagain"):
+    """Pages written after a merge with the same bytes are merged again
+    in place (each batch of them held 100 ms between the comparison and
+    the mapping of the pool pages) while writer threads write into them:
+    every write stays (each thread's last word in a page is checked at
+    the end)."""
     n = 4000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n, fault="slowagain")
+        a, b = twins(e, n, fault=fault)
         converge(e.d, "pages_sharing", n)
         writes = lost = merged = 0
         for _ in range(3):
@@ -386,6 +407,13 @@ def test_merge_again_while_writing():
         b.ok(f"check 1 0 {n}")
         print(f"  {writes} writes, {merged} pages merged again meanwhile",
               flush=True)
+
+
+def test_merge_again_by_copies_while_writing():
+    """The same with the pages made anonymous again by copies (each
+    batch held 100 ms between the copies and their mremaps), then
+    merged: SAMEPAGE_FAULT=nodirect."""
+    test_merge_again_while_writing("slowagain,nodirect")
 
 
 def test_writes_never_left_waiting():
@@ -526,24 +554,31 @@ def written_twins(e, n, fault):
     return a, b, before
 
 
-def test_pin_after_twin_not_merged_again():
+def test_pin_after_twin_not_merged_again(fault="latepin"):
     """A page pinned for reading once the twin has shown it unpinned (a
     device that reads from it: SAMEPAGE_FAULT=latepin pins every other
-    page between the copies and their mremap, as process_vm_readv does)
-    is not made anonymous again: the device would go on reading the old
-    page and miss the program's writes.  The pin makes the page the
-    program's own, no longer shared with the twin, and that is checked
-    right before each mremap.  The pages are tried again after the wait,
-    and all merge in the end (each round pins every second page of a
-    batch: a page alone is left be)."""
+    page between the comparison and the mapping of the pool pages, as
+    process_vm_readv does) is not merged again: the device would go on
+    reading the old page and miss the program's writes.  The pin makes
+    the page the program's own, no longer shared with the twin, and that
+    is checked right before each mapping.  The pages are tried again
+    after the wait, and all merge in the end (each round pins every
+    second page of a batch: a page alone is left be)."""
     n = 512
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b, before = written_twins(e, n, "latepin")
+        a, b, before = written_twins(e, n, fault)
         p0 = int(before["pinned"])
         check(wait_for(lambda: int(a.stats()["pinned"]) - p0 >= n // 4, 30),
               f"{int(a.stats()['pinned']) - p0} pages seen pinned, want "
               f">= {n // 4}")
         merged_again_intact(a, b, n, 1, 60)
+
+
+def test_pin_after_twin_not_made_anonymous():
+    """The same where the pages are made anonymous again by copies
+    (SAMEPAGE_FAULT=nodirect): the pins come between the copies and
+    their mremaps, and no pinned page is replaced."""
+    test_pin_after_twin_not_merged_again("latepin,nodirect")
 
 
 def test_fork_shared_pages_while_writing():
@@ -918,13 +953,15 @@ def test_agent_maps_nothing_in_holes():
 def test_without_the_window():
     """Once the agent's window for its copies is lost (another thread's
     mapping came into it: SAMEPAGE_FAULT=nostage), no copy is made:
-    written pages are not merged again, and unmerging breaks
+    written pages are not made anonymous again (nor merged in place
+    here, SAMEPAGE_FAULT=nodirect: that needs no copy,
+    test_written_pages_merge_in_place), and unmerging breaks
     copy-on-write in place, so the pages stay in pool mappings (with the
     window, run=2 leaves none: test_unmerge_run2).  Every byte stays as
     written."""
     n = 2000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = twins(e, n, fault="nostage")
+        a, b = twins(e, n, fault="nostage,nodirect")
         converge(e.d, "pages_sharing", n)
         a.ok(f"fill 1 0 {n // 2}")  # the same bytes: private copies
         time.sleep(4)   # past the writes' busy wait, and some passes
@@ -942,14 +979,14 @@ def test_without_the_window():
         check(e.d.proc.poll() is None, "daemon died")
 
 
-def test_raw_remap_during_merge_again():
-    """The same while pages written after their merge are made anonymous
-    again to be merged (each batch held 100 ms between its copies and
-    their mremap): the fresh mapping must not get the copies moved over
-    it."""
+def test_raw_remap_during_merge_again(fault="slowagain"):
+    """The same while pages written after their merge are merged again
+    in place (each batch held 100 ms between the comparison and the
+    mapping of the pool pages): the fresh mapping must not get the pool
+    pages mapped over it."""
     n = 4000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b, before = written_twins(e, n, "slowagain")
+        a, b, before = written_twins(e, n, fault)
         m0 = int(before["merged"])
         spots = range(0, n, 400)
         for j, first in enumerate(spots):
@@ -966,6 +1003,13 @@ def test_raw_remap_during_merge_again():
         check(wait_for(lambda: shared(a, b) >= n - 1000, 30),
               f"only {shared(a, b)} pages merged again")
         check_remapped(e, a, b, spots, 300)
+
+
+def test_raw_remap_during_merge_again_by_copies():
+    """The same with the pages made anonymous again by copies first
+    (SAMEPAGE_FAULT=nodirect), the hold between the copies and their
+    mremaps: the fresh mapping must not get the copies moved over it."""
+    test_raw_remap_during_merge_again("slowagain,nodirect")
 
 
 def test_kill_daemon_mid_merge():
@@ -1440,14 +1484,18 @@ if __name__ == "__main__":
         test_remote_reads_never_see_wrong_bytes,
         test_pinned_never_merged,
         test_written_pages_merge_again,
+        test_written_pages_merge_again_by_copies,
+        test_written_pages_merge_in_place,
         test_written_pages_merge_again_a_page_at_a_time,
         test_small_stack,
         test_merge_again_while_writing,
+        test_merge_again_by_copies_while_writing,
         test_writes_never_left_waiting,
         test_writes_between_mapping_and_check_kept,
         test_twin_dies_with_the_program,
         test_pinned_written_pages_not_merged_again,
         test_pin_after_twin_not_merged_again,
+        test_pin_after_twin_not_made_anonymous,
         test_odirect_reads_while_merging,
         test_fork_shared_pages_while_writing,
         test_fork_child_and_gc,
@@ -1462,6 +1510,7 @@ if __name__ == "__main__":
         test_raw_remap_during_merge,
         test_raw_remap_during_unmerge,
         test_raw_remap_during_merge_again,
+        test_raw_remap_during_merge_again_by_copies,
         test_agent_maps_nothing_in_holes,
         test_without_the_window,
         test_kill_daemon_mid_merge,
