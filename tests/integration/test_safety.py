@@ -1265,6 +1265,47 @@ def test_map_budget():
             check_single_page_twins(a, b, 8000)
 
 
+def merging_settled(a):
+    """Wait until a's merged count holds still for a second."""
+    last = [-1]
+
+    def settled():
+        m, last[0] = last[0], int(a.stats()["merged"])
+        return m == last[0] and m > 0
+    check(wait_for(settled, 30, 1), "merging did not settle")
+
+
+def test_budget_refusals_wait():
+    """Pages the mapping budget refused are not tried again on every
+    pass: each waits some passes first, as a pinned page does.  Until
+    2026-12-05 every pass paired them again (a new pool page each time),
+    and the agents moved each out, compared it and put it back: with two
+    programs of 96,000 pages at the budget, 248,000 refusals in 20 s and
+    92% of a CPU spent merging nothing.  Here the refusals over 18 passes
+    are counted: at most a third of one per refused page and pass."""
+    with max_map_count(2000):
+        with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+            a, b = single_page_twins(e, 8000)
+            for p in (a, b):
+                p.ok("merge")
+            merging_settled(a)
+            left = 4000 - shared(a, b)      # duplicates left unmerged
+            check(left > 1000, f"only {left} pages refused")
+            st = e.d.status()
+            s0, r0 = st["full_scans"], st["budget_refusals"]
+            check(wait_for(lambda: e.d.status()["full_scans"] >= s0 + 18,
+                           60), "the daemon did not scan")
+            st = e.d.status()
+            per = (st["budget_refusals"] - r0) / (st["full_scans"] - s0) / \
+                (2 * left)
+            check(per <= 1 / 3, f"{per:.2f} refusals a refused page and "
+                  "pass")
+            print(f"  {per:.3f} refusals a refused page and pass "
+                  f"({left} pages of each program refused)", flush=True)
+            a.ok("mmapmany 100")
+            check_single_page_twins(a, b, 8000)
+
+
 def test_map_budget_sees_the_program_grow():
     """The program makes more mappings of its own than the reserve below
     vm.max_map_count after the agent last counted, and merging begins
@@ -1280,12 +1321,7 @@ def test_map_budget_sees_the_program_grow():
             time.sleep(5.5)
             for p in (a, b):
                 p.ok("merge")
-            last = [-1]
-
-            def settled():
-                m, last[0] = last[0], int(a.stats()["merged"])
-                return m == last[0] and m > 0
-            check(wait_for(settled, 30, 1), "merging did not settle")
+            merging_settled(a)
             budget = int(a.stats()["budget"])
             n = map_count(a.pid)
             check(n <= budget, f"{n} mappings, over the budget {budget} "
@@ -1521,6 +1557,7 @@ if __name__ == "__main__":
         test_dontneed_keeps_unmerged_mappings,
         test_client_death_releases,
         test_map_budget,
+        test_budget_refusals_wait,
         test_map_budget_sees_the_program_grow,
         test_written_pages_merge_again_once_under_budget,
         test_mlockall_while_merged,
