@@ -1706,8 +1706,6 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg,
 	}
 }
 
-static void view_touch(struct sp_agent *a, const struct sp_item *it);
-
 /* reclaim, which merges in place the pages equal to their pool pages,
  * then merge the rest at once, n pages of a batch: page k is page at[k]
  * of item from[k] (in order).  Consecutive pages of one item merge as one
@@ -1722,14 +1720,12 @@ static void again(struct sp_agent *a, const struct sp_item *items,
 	uint64_t slot[AGAIN_PAGES];
 	size_t k, e;
 
-	for (k = 0; k < n; k++) {
-		const struct sp_item *it = &items[from[k]];
-
-		slot[k] = it->kind == SP_ITEM_POOL ? it->pgoff + at[k]
-						   : NO_POOL_PAGE;
-		if (k == 0 || from[k] != from[k - 1])
-			view_touch(a, it);
-	}
+	/* (the items' pool pages are in the view's range already: each
+	 * went through agent_merge_item first) */
+	for (k = 0; k < n; k++)
+		slot[k] = items[from[k]].kind == SP_ITEM_POOL
+				  ? items[from[k]].pgoff + at[k]
+				  : NO_POOL_PAGE;
 	if (sp_now_ms() < a->twin_after_ms)
 		memset(later, 1, n);
 	else
