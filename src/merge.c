@@ -70,8 +70,8 @@ static const uint64_t recount_refused_ms = 1000;
 
 /* Fault injection for tests: SAMEPAGE_FAULT is a comma-separated list
  * of verify, map, mapgap, moveback, delay, latedelay, differ, inplace,
- * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, slowtwin,
- * latepin, nopincheck, notwin, noreclaim, nodirect, nocopy, regrun,
+ * slowunmerge, breakcow, nopfn, nomove (agent.c), slowagain, pretwin,
+ * slowtwin, latepin, nopincheck, notwin, noreclaim, nodirect, nocopy, regrun,
  * nostage, releasegap and checkgap.  Read
  * once; merges run one at a time under the agent lock. */
 bool agent_fault(const char *what)
@@ -1613,6 +1613,11 @@ static void reclaim(struct sp_agent *a, const uintptr_t *pg,
 				MADV_DOFORK) == 0)
 			memset(fork_too + k, 1, e - k);
 	}
+	/* A device may write a page pinned until now, and let go of it,
+	 * up to the twin: so the pages are compared after it, never before
+	 * (test_device_write_before_twin_kept holds here) */
+	if (nc && agent_fault("pretwin"))
+		usleep(300000);
 	pid = nc && !agent_fault("notwin") ? twin_start() : -1;
 	if (pid > 0 && agent_fault("slowtwin"))
 		usleep(500000);	/* widen the window for tests */

@@ -581,6 +581,58 @@ def test_pin_after_twin_not_made_anonymous():
     test_pin_after_twin_not_merged_again("latepin,nodirect")
 
 
+def write_protected(p, page):
+    """Is the page write-protected by userfaultfd (pagemap bit 57)?"""
+    with open(f"/proc/{p.pid}/pagemap", "rb") as f:
+        f.seek((p.addr // PAGE + page) * 8)
+        return bool(int.from_bytes(f.read(8), "little") >> 57 & 1)
+
+
+def test_device_write_before_twin_kept(fault="pretwin"):
+    """A device that writes into a page it has pinned, and lets go of it
+    (an O_DIRECT read that ends), before the twin has looked: the write
+    is never lost, for the pages are compared after the twin.  Merged
+    pages are pinned as io_uring fixed buffers (the pin gives each a
+    copy of the program's own, the same bytes: duplicates again).  While
+    the agent holds them write-protected to merge them again, 300 ms
+    before the twin (SAMEPAGE_FAULT=pretwin), a read lands in page 0
+    through the pin (IORING_OP_READ_FIXED: the kernel writes the page
+    itself, not through the page tables, and write-protection does not
+    stop it), and the pins go.  Compared before that, page 0 would equal
+    its pool page and be merged over, the read lost."""
+    n = 64
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = twins(e, n, fault=fault)
+        converge(e.d, "pages_sharing", n)
+        r = a.cmd("pin 0 16")
+        if r.startswith("err uring") or r.startswith("err register"):
+            raise Skip(f"io_uring unavailable: {r}")
+        check(r == "ok", r)
+        check(wait_for(lambda: write_protected(a, 0), 30, step=0.002),
+              "page 0 never write-protected to be merged again")
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(os.urandom(PAGE))
+            f.flush()
+            a.ok(f"uread {f.name} 0")
+            a.ok("unpin")
+            # still in the hold: the twin has not looked yet
+            check(write_protected(a, 0),
+                  "the read and the unpin came after the hold")
+            check(wait_for(lambda: shared(a, b, 1, 15) == 15, 30),
+                  f"{shared(a, b, 1, 15)} of 15 unpinned pages merged again")
+            a.ok(f"cmpfile {f.name} 0")
+        check(shared(a, b, 0, 1) == 0, "page 0 merged")
+        a.ok(f"check 1 1 {n - 1}")
+        b.ok(f"check 1 0 {n}")
+
+
+def test_device_write_before_twin_kept_by_copies():
+    """The same where written pages are made anonymous again by copies
+    (SAMEPAGE_FAULT=nodirect): the copies too are made after the twin,
+    and page 0's holds the read."""
+    test_device_write_before_twin_kept("pretwin,nodirect")
+
+
 def test_fork_shared_pages_while_writing():
     """Pages shared with a child since fork are given copies and merged
     while writer threads hammer them in the parent: no write lost, and
@@ -1532,6 +1584,8 @@ if __name__ == "__main__":
         test_pinned_written_pages_not_merged_again,
         test_pin_after_twin_not_merged_again,
         test_pin_after_twin_not_made_anonymous,
+        test_device_write_before_twin_kept,
+        test_device_write_before_twin_kept_by_copies,
         test_odirect_reads_while_merging,
         test_fork_shared_pages_while_writing,
         test_fork_child_and_gc,
