@@ -294,20 +294,24 @@ static void handle_merge(struct sp_agent *a, const struct sp_msg *m)
 		struct sp_merge_done d;
 		struct sp_item_result r[SP_BATCH_ITEMS];
 	} out;
-	uint32_t i;
+	uint32_t i, k, n = m->merge->nitems;
+	const struct sp_item *outside;
 
 	memset(&out, 0, sizeof(out));
 	pthread_mutex_lock(&a->lock);
-	for (i = 0; i < m->merge->nitems; i++, agent_let_in(a))
-		if (agent_merge_item(a, &m->items[i], &out.r[i]) == -ERANGE &&
-		    !a->warned_pool) {
+	/* single pages go in groups (merge.c, merge_group) */
+	for (i = 0; i < n; i += k, agent_let_in(a)) {
+		k = (uint32_t)agent_merge_items(a, &m->items[i], &out.r[i],
+						n - i, &outside);
+		if (outside && !a->warned_pool) {
 			a->warned_pool = 1;
 			log_warnx("daemon sent an item outside the pool "
 				  "(slot %llu + %u, pool %llu pages); skipped",
-				  (unsigned long long)m->items[i].pgoff,
-				  m->items[i].npages,
+				  (unsigned long long)outside->pgoff,
+				  outside->npages,
 				  (unsigned long long)(a->pool_bytes / SP_PAGE));
 		}
+	}
 	agent_release_scratch(a);	/* (out of the twin's copy too) */
 	agent_merge_again(a, m->items, out.r, m->merge->nitems);
 	agent_release_scratch(a);

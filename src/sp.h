@@ -221,6 +221,9 @@ void agent_merge_again(struct sp_agent *a, const struct sp_item *items,
 		       struct sp_item_result *res, size_t nitems);
 int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
 		     struct sp_item_result *res);
+size_t agent_merge_items(struct sp_agent *a, const struct sp_item *its,
+			 struct sp_item_result *res, size_t n,
+			 const struct sp_item **outside);
 int agent_unmerge_range(struct sp_agent *a, uintptr_t s, uintptr_t e);
 int agent_unmerge_all(struct sp_agent *a);
 void agent_recount_maps(struct sp_agent *a);

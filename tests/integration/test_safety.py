@@ -53,6 +53,31 @@ def test_hammer_no_lost_writes(pair=twins):
               flush=True)
 
 
+def test_hammer_single_pages_no_lost_writes():
+    """The same where every duplicate is a single page (every other
+    page), as scattered duplicates are: the agent merges them in groups
+    (merge.c, merge_group), and writers hammer pages while a group is
+    out, mapped and read back; with keep, each thread's last word in
+    each page must still be there at the end of the round."""
+    n = 8000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        a, b = single_page_twins(e, n)
+        for p in (a, b):
+            p.ok("merge")
+        writes, lost, merged_during = 0, 0, 0
+        # keep first, while the first merges go on
+        for line in ("hammer 2 1 keep 200", "hammer 2 1"):
+            w, lo, m = hammer_rounds(
+                a, n, line, verify=lambda: check_single_page(a, 2, n))
+            writes, lost, merged_during = (writes + w, lost + lo,
+                                           merged_during + m)
+        check(lost == 0, f"{lost} of {writes} writes lost")
+        check(merged_during > 0, "no merge happened while hammering")
+        check_single_page(b, 3, n)
+        print(f"  {writes} writes, {merged_during} pages merged meanwhile",
+              flush=True)
+
+
 def test_remote_reads_never_see_wrong_bytes():
     """Another process reading the program's memory (/proc/PID/mem, as a
     debugger or ptrace does) while pages are merged and unmerged over and
@@ -895,6 +920,37 @@ def test_raw_munmap_during_merge():
         check(e.d.proc.poll() is None, "daemon died")
 
 
+def test_raw_munmap_during_merge_single_pages():
+    """The same with single pages merged in groups: a group's pages are
+    out for 200 ms (SAMEPAGE_FAULT=delay) when the raw munmaps land."""
+    n = 4000
+    with Env() as e:
+        a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "delay"})
+        for p in (a, b):
+            p.ok("merge")
+        check(wait_for(lambda: int(a.stats()["merged"]) > 0, 10),
+              "nothing merged")
+        spots = range(0, n, 400)
+        for first in spots:
+            time.sleep(0.1)
+            a.ok(f"rawunmap {first} 100")
+        time.sleep(1)
+        for first in spots:
+            for pg in range(first + 100, first + 400, 2):
+                a.ok(f"check 1 {pg} 1")
+                a.ok(f"check 2 {pg + 1} 1")
+        with open(f"/proc/{a.pid}/maps") as f:
+            spans = [tuple(int(x, 16) for x in ln.split()[0].split("-"))
+                     for ln in f]
+        for first in spots:
+            lo = a.addr + first * PAGE
+            hi = lo + 100 * PAGE
+            check(not any(s < hi and t > lo for s, t in spans),
+                  f"pages {first}..{first + 99} mapped again")
+        check_single_page(b, 3, n)
+        check(e.d.proc.poll() is None, "daemon died")
+
+
 def remap_spots(a, spots, pause):
     """At each spot, 100 pages replaced by raw munmap and mmap, and new
     data of the program's in the first 50."""
@@ -1170,6 +1226,27 @@ def test_verify_failures_restore_pages(
                 check(p.cmd("check 1 10 1") != "ok", f"write lost ({what})")
             if what != "moveback":
                 check(shared(*ps) == 0, f"merged despite failing {what}")
+
+
+def test_verify_failures_restore_single_pages():
+    """The same with single pages, merged in groups: where each merge
+    fails, every page of every group comes back intact."""
+    n = 2000
+    for what in ("verify", "map", "mapgap", "moveback"):
+        with Env() as e:
+            a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": what})
+            for p in (a, b):
+                p.ok("merge")
+            time.sleep(1.5)
+            e.d.set(run=0)
+            time.sleep(0.5)
+            check_single_page_twins(a, b, n)
+            a.ok("write 10 5")
+            check(a.cmd("check 1 10 1") != "ok", f"write lost ({what})")
+            if what != "moveback":
+                check(shared(a, b) == 0, f"merged despite failing {what}")
+            else:
+                check(shared(a, b) > 0, "nothing merged (moveback)")
 
 
 def test_stopped_client_does_not_hold_up_others():
@@ -1567,6 +1644,7 @@ def test_locked_memory_merges():
 if __name__ == "__main__":
     sys.exit(run_tests([
         test_hammer_no_lost_writes,
+        test_hammer_single_pages_no_lost_writes,
         test_unmerge_while_writing,
         test_unmerge_in_place_while_writing,
         test_remote_reads_never_see_wrong_bytes,
@@ -1597,6 +1675,7 @@ if __name__ == "__main__":
         test_munmap_mremap_dontneed_while_merging,
         test_mremap_grow_keeps_pages,
         test_raw_munmap_during_merge,
+        test_raw_munmap_during_merge_single_pages,
         test_raw_remap_during_merge,
         test_raw_remap_during_unmerge,
         test_raw_remap_during_merge_again,
@@ -1607,6 +1686,7 @@ if __name__ == "__main__":
         test_kill_daemon_and_fork_mid_merge_again,
         test_kill_daemon_mid_unmerge,
         test_verify_failures_restore_pages,
+        test_verify_failures_restore_single_pages,
         test_stopped_client_does_not_hold_up_others,
         test_dontneed_keeps_unmerged_mappings,
         test_client_death_releases,
