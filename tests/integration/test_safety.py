@@ -53,6 +53,24 @@ def test_hammer_no_lost_writes(pair=twins):
               flush=True)
 
 
+def hammer_single_pages(e, n, lines, env=None):
+    """single_page_twins (env: the first one's), opted in; memfill's
+    hammer lines run in the first (hammer_rounds) while they merge.  No
+    write may be lost, and pages must merge meanwhile.  Returns both,
+    the writes and the pages merged meanwhile."""
+    a, b = single_page_twins(e, n, env=env)
+    for p in (a, b):
+        p.ok("merge")
+    writes, lost, merged = 0, 0, 0
+    for line in lines:
+        w, lo, m = hammer_rounds(
+            a, n, line, verify=lambda: check_single_page(a, 2, n))
+        writes, lost, merged = writes + w, lost + lo, merged + m
+    check(lost == 0, f"{lost} of {writes} writes lost")
+    check(merged > 0, "no page merged while hammering")
+    return a, b, writes, merged
+
+
 def test_hammer_single_pages_no_lost_writes():
     """The same where every duplicate is a single page (every other
     page), as scattered duplicates are: the agent merges them in groups
@@ -61,18 +79,9 @@ def test_hammer_single_pages_no_lost_writes():
     each page must still be there at the end of the round."""
     n = 8000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = single_page_twins(e, n)
-        for p in (a, b):
-            p.ok("merge")
-        writes, lost, merged_during = 0, 0, 0
         # keep first, while the first merges go on
-        for line in ("hammer 2 1 keep 200", "hammer 2 1"):
-            w, lo, m = hammer_rounds(
-                a, n, line, verify=lambda: check_single_page(a, 2, n))
-            writes, lost, merged_during = (writes + w, lost + lo,
-                                           merged_during + m)
-        check(lost == 0, f"{lost} of {writes} writes lost")
-        check(merged_during > 0, "no merge happened while hammering")
+        a, b, writes, merged_during = hammer_single_pages(
+            e, n, ("hammer 2 1 keep 200", "hammer 2 1"))
         check_single_page(b, 3, n)
         print(f"  {writes} writes, {merged_during} pages merged meanwhile",
               flush=True)
@@ -488,16 +497,9 @@ def test_writes_between_mapping_and_check_kept():
     meanwhile still merge."""
     n = 4000
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
-        a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "checkgap"})
-        for p in (a, b):
-            p.ok("merge")
-        writes, lost, merged = 0, 0, 0
-        for line in ("hammer 2 1", "hammer 2 1 keep 200"):
-            w, lo, m = hammer_rounds(
-                a, n, line, verify=lambda: check_single_page(a, 2, n))
-            writes, lost, merged = writes + w, lost + lo, merged + m
-        check(lost == 0, f"{lost} of {writes} writes lost")
-        check(merged > 0, "no page merged while hammering")
+        a, b, writes, merged = hammer_single_pages(
+            e, n, ("hammer 2 1", "hammer 2 1 keep 200"),
+            env={"SAMEPAGE_FAULT": "checkgap"})
         e.d.set(run=0)
         check_single_page_twins(a, b, n)
         print(f"  {writes} writes, {merged} pages merged meanwhile, "
@@ -892,6 +894,18 @@ def test_mremap_grow_keeps_pages():
         b.ok("check 1 0 2000")
 
 
+def nothing_mapped_again(a, gone):
+    """Nothing is mapped where a unmapped 100 pages from each of gone."""
+    with open(f"/proc/{a.pid}/maps") as f:
+        spans = [tuple(int(x, 16) for x in ln.split()[0].split("-"))
+                 for ln in f]
+    for first in gone:
+        lo = a.addr + first * PAGE
+        hi = lo + 100 * PAGE
+        check(not any(s < hi and t > lo for s, t in spans),
+              f"pages {first}..{first + 99} mapped again")
+
+
 def test_raw_munmap_during_merge():
     """A raw munmap(2), which bypasses the agent's lock, lands while pages
     are out for comparison (each merge held open 200 ms): the program
@@ -908,14 +922,7 @@ def test_raw_munmap_during_merge():
         time.sleep(1)
         for first in range(0, n, 400):
             a.ok(f"check 1 {first + 100} 300")
-        with open(f"/proc/{a.pid}/maps") as f:
-            spans = [tuple(int(x, 16) for x in ln.split()[0].split("-"))
-                     for ln in f]
-        for first in gone:
-            lo = a.addr + first * PAGE
-            hi = lo + 100 * PAGE
-            check(not any(s < hi and t > lo for s, t in spans),
-                  f"pages {first}..{first + 99} mapped again")
+        nothing_mapped_again(a, gone)
         b.ok(f"check 1 0 {n}")
         check(e.d.proc.poll() is None, "daemon died")
 
@@ -939,14 +946,7 @@ def test_raw_munmap_during_merge_single_pages():
             for pg in range(first + 100, first + 400, 2):
                 a.ok(f"check 1 {pg} 1")
                 a.ok(f"check 2 {pg + 1} 1")
-        with open(f"/proc/{a.pid}/maps") as f:
-            spans = [tuple(int(x, 16) for x in ln.split()[0].split("-"))
-                     for ln in f]
-        for first in spots:
-            lo = a.addr + first * PAGE
-            hi = lo + 100 * PAGE
-            check(not any(s < hi and t > lo for s, t in spans),
-                  f"pages {first}..{first + 99} mapped again")
+        nothing_mapped_again(a, spots)
         check_single_page(b, 3, n)
         check(e.d.proc.poll() is None, "daemon died")
 
