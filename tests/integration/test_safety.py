@@ -684,6 +684,36 @@ def test_fork_shared_pages_while_writing():
               flush=True)
 
 
+def test_fork_shared_single_pages_while_writing():
+    """The same with single pages, merged in groups: each page shared
+    with the child is refused in its group, given a copy, and tried
+    again alone.  The first program's pages all hold seed 1 (the child
+    checks them so); the second's every other page is its own, so that
+    every pair is a single page."""
+    n = 8000
+    with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
+        e.d.set(run=0)
+        a, b = e.proc(), e.proc()
+        for p in (a, b):
+            p.map(n)
+            p.ok(f"fill 1 0 {n}")
+        for pg in range(1, n, 2):
+            b.ok(f"fill 3 {pg} 1")
+        for p in (a, b):
+            p.ok("merge")
+        a.ok("forkmap 0")
+        e.d.set(run=1)
+        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1 keep 2000")
+        check(lost == 0, f"{lost} of {writes} writes lost")
+        check(merged > n // 4, f"only {merged} of {n // 2} single pages "
+              "merged in the parent while hammering")
+        check_single_page(b, 3, n)
+        check(a.ok("wait") == "0", "the child saw wrong contents")
+        check(e.d.status()["pinned_skipped"] == 0, "pages taken for pinned")
+        print(f"  {writes} writes, {merged} pages merged meanwhile",
+              flush=True)
+
+
 def test_fork_child_and_gc():
     """A forked child keeps the merged contents though its parent
     rewrites them and the other sharer exits; the pool is freed only
@@ -1666,6 +1696,7 @@ if __name__ == "__main__":
         test_device_write_before_twin_kept_by_copies,
         test_odirect_reads_while_merging,
         test_fork_shared_pages_while_writing,
+        test_fork_shared_single_pages_while_writing,
         test_fork_child_and_gc,
         test_freed_slots_reused_keep_contents,
         test_exec_stays_under_samepage,
