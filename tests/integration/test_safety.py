@@ -660,6 +660,24 @@ def test_device_write_before_twin_kept_by_copies():
     test_device_write_before_twin_kept("pretwin,nodirect")
 
 
+def hammer_forked(e, a, n, want):
+    """a (n pages, seed 1, merging off) forks a child that keeps the
+    region; merging goes on while writers hammer a's pages: no write
+    lost, more than want pages merged in a meanwhile, the child's bytes
+    intact, and no page taken for pinned."""
+    a.ok("forkmap 0")
+    e.d.set(run=1)
+    writes, lost, merged = hammer_rounds(a, n, "hammer 2 1 keep 2000")
+    check(lost == 0, f"{lost} of {writes} writes lost")
+    check(merged > want, f"only {merged} pages merged in the parent while "
+          f"hammering, want more than {want}")
+    check(a.ok("wait") == "0", "the child saw wrong contents")
+    st = e.d.status()
+    check(st["pinned_skipped"] == 0,
+          f"pinned_skipped {st['pinned_skipped']}: none is pinned")
+    print(f"  {writes} writes, {merged} pages merged meanwhile", flush=True)
+
+
 def test_fork_shared_pages_while_writing():
     """Pages shared with a child since fork are given copies and merged
     while writer threads hammer them in the parent: no write lost, and
@@ -668,20 +686,9 @@ def test_fork_shared_pages_while_writing():
     with Env(pages_to_scan=4000, sleep_millisecs=1) as e:
         e.d.set(run=0)
         a, b = twins(e, n)
-        a.ok("forkmap 0")
-        e.d.set(run=1)
         # most pages unwritten: they merge only by being unshared
-        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1 keep 2000")
-        check(lost == 0, f"{lost} of {writes} writes lost")
-        check(merged > n // 2, f"only {merged} of {n} pages merged in the "
-              "parent while hammering")
+        hammer_forked(e, a, n, n // 2)
         b.ok(f"check 1 0 {n}")
-        check(a.ok("wait") == "0", "the child saw wrong contents")
-        st = e.d.status()
-        check(st["pinned_skipped"] == 0,
-              f"pinned_skipped {st['pinned_skipped']}: none is pinned")
-        print(f"  {writes} writes, {merged} pages merged meanwhile",
-              flush=True)
 
 
 def test_fork_shared_single_pages_while_writing():
@@ -701,17 +708,8 @@ def test_fork_shared_single_pages_while_writing():
             b.ok(f"fill 3 {pg} 1")
         for p in (a, b):
             p.ok("merge")
-        a.ok("forkmap 0")
-        e.d.set(run=1)
-        writes, lost, merged = hammer_rounds(a, n, "hammer 2 1 keep 2000")
-        check(lost == 0, f"{lost} of {writes} writes lost")
-        check(merged > n // 4, f"only {merged} of {n // 2} single pages "
-              "merged in the parent while hammering")
+        hammer_forked(e, a, n, n // 4)
         check_single_page(b, 3, n)
-        check(a.ok("wait") == "0", "the child saw wrong contents")
-        check(e.d.status()["pinned_skipped"] == 0, "pages taken for pinned")
-        print(f"  {writes} writes, {merged} pages merged meanwhile",
-              flush=True)
 
 
 def test_fork_child_and_gc():
