@@ -1952,7 +1952,8 @@ int agent_merge_item(struct sp_agent *a, const struct sp_item *it,
  * out, compared, the hole checked and the pool page mapped, read back,
  * woken; a page not merged is moved back before anyone is woken.  The
  * pages of the group stay out (an access waits) until the group is
- * done: some 100 us.
+ * done: some 100 us (8 pages at about 13 us each, in one process alone;
+ * longer where the CPUs are busy).
  */
 #define GROUP 8
 
