@@ -1987,15 +1987,19 @@ static size_t read_pages(struct sp_agent *a, const uint8_t *const *from,
 	return got < 0 ? 0 : (size_t)got / SP_PAGE;
 }
 
-static void merge_group(struct sp_agent *a, const struct sp_item *its,
-			struct sp_item_result *res, size_t k)
+/* Returns an item that named pages outside the pool (item_ok), or NULL. */
+static const struct sp_item *merge_group(struct sp_agent *a,
+					 const struct sp_item *its,
+					 struct sp_item_result *res, size_t k)
 {
+	const struct sp_item *outside = NULL;
 	uint8_t live[GROUP] = { 0 }, in[GROUP] = { 0 }, busy[GROUP] = { 0 };
 	uint8_t eq[GROUP] = { 0 }, over[GROUP] = { 0 }, wait[GROUP] = { 0 };
 	uint8_t redo[GROUP] = { 0 }, *slot[GROUP];
 	const uint8_t *from[2 * GROUP];
 	size_t i, v, nv, got;
 	bool ok;
+	int r;
 
 	SP_ASSERT(k <= GROUP);
 	if (a->scratch_used + k > SP_SCRATCH_PAGES)
@@ -2004,7 +2008,10 @@ static void merge_group(struct sp_agent *a, const struct sp_item *its,
 		const struct sp_item *it = &its[i];
 
 		view_touch(a, it);
-		if (item_ok(a, it, &res[i]) <= 0)
+		r = item_ok(a, it, &res[i]);
+		if (r == -ERANGE && !outside)
+			outside = it;
+		if (r <= 0)
 			continue;
 		if (!budget_allows(a, 2)) {
 			a->figs.budget_refusals++;
@@ -2042,8 +2049,7 @@ static void merge_group(struct sp_agent *a, const struct sp_item *its,
 			a->figs.changed_skipped++;
 	}
 	for (i = 0; i < k; i++) {	/* mapped, or moved back */
-		int r = 0;
-
+		r = 0;
 		if (eq[i]) {
 			a->slot = slot[i];
 			r = merge_run(a, &its[i], 0, 1, &res[i], true);
@@ -2091,12 +2097,14 @@ static void merge_group(struct sp_agent *a, const struct sp_item *its,
 	for (i = 0; i < k; i++)
 		if (redo[i])
 			second_try(a, &its[i], &res[i], redo + i);
+	return outside;
 }
 
 /*
- * Merge items from its[0]: a group of single pages (merge_group), or
- * the first item alone.  Returns how many were done; *outside: one that
- * named pages outside the pool (skipped, item_ok), or NULL.
+ * Merge items from its[0]: the single pages there, up to GROUP, as a
+ * group (merge_group; a lone one too: single pages take one path), or
+ * else the first item alone.  Returns how many were done; *outside: one
+ * that named pages outside the pool (skipped, item_ok), or NULL.
  */
 size_t agent_merge_items(struct sp_agent *a, const struct sp_item *its,
 			 struct sp_item_result *res, size_t n,
@@ -2104,19 +2112,14 @@ size_t agent_merge_items(struct sp_agent *a, const struct sp_item *its,
 {
 	size_t k = 0;
 
-	*outside = NULL;
 	while (k < n && k < GROUP && groupable(a, &its[k]))
 		k++;
-	if (k < 2) {
-		if (agent_merge_item(a, its, res) == -ERANGE)
-			*outside = its;
-		return 1;
+	if (k) {
+		*outside = merge_group(a, its, res, k);
+		return k;
 	}
-	for (size_t i = 0; i < k; i++)
-		if ((its[i].pgoff + 1) * SP_PAGE > a->pool_bytes)
-			*outside = &its[i];
-	merge_group(a, its, res, k);
-	return k;
+	*outside = agent_merge_item(a, its, res) == -ERANGE ? its : NULL;
+	return 1;
 }
 
 /* Are the n pages at p all pool pages, present? */
