@@ -1173,6 +1173,35 @@ def test_kill_daemon_mid_merge():
             check(shared(a, b) <= sh, "merging went on")
 
 
+def test_kill_daemon_mid_merge_single_pages():
+    """The same while single pages merge in groups, killed as soon as
+    the first have merged (checked to be mid-way), and once all have:
+    every byte stays, writes land, and the agent stops."""
+    n = 4000
+    for mid in (True, False):
+        with Env(pages_to_scan=3000, sleep_millisecs=1) as e:
+            a, b = single_page_twins(e, n)
+            for p in (a, b):
+                p.ok("merge")
+            check(wait_for(lambda: int(a.stats()["merged"]) >= 1 if mid
+                           else shared(a, b) == n // 2, 20, step=0.001),
+                  "nothing merged")
+            e.d.kill()
+            merged = int(a.stats()["merged"])
+            check(merged < n // 2 if mid else merged == n // 2,
+                  f"killed with {merged} of {n // 2} merged")
+            time.sleep(0.2)
+            check_single_page_twins(a, b, n)
+            for pg in range(0, n, 98):
+                a.ok(f"write {pg} 77")
+            check_single_page(b, 3, n)
+            for pg in range(0, n, 98):
+                check(a.cmd(f"check 1 {pg} 1") != "ok",
+                      f"write to page {pg} lost")
+            check(wait_for(lambda: a.stats()["active"] == "0", 5),
+                  "agent still active with no daemon")
+
+
 def intact_without_daemon(a, b, n):
     """After the daemon's death: both programs have every byte of seed 1,
     a's writes land and b's bytes stay, and a's agent has stopped."""
@@ -1712,6 +1741,7 @@ if __name__ == "__main__":
         test_agent_maps_nothing_in_holes,
         test_without_the_window,
         test_kill_daemon_mid_merge,
+        test_kill_daemon_mid_merge_single_pages,
         test_kill_daemon_and_fork_mid_merge_again,
         test_kill_daemon_mid_unmerge,
         test_verify_failures_restore_pages,
