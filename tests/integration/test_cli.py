@@ -252,9 +252,11 @@ def test_estimate():
         else:
             # A sanitizer's shadow is anonymous memory too, and the two
             # programs' shadows change alike, and sometimes back: only
-            # roughly, there.
+            # roughly, there.  A zero page of theirs written since base
+            # counts one less here too (499 seen once under ASan); the
+            # 500 written zeros are checked whole in a's own line below.
             check(d["pages_scanned"] >= 2500 and
-                  d["pages_sharing"] >= 900 and d["ksm_zero_pages"] >= 500,
+                  d["pages_sharing"] >= 900 and d["ksm_zero_pages"] >= 495,
                   f"estimate moved by {d}")
         check(st["bytes_saved"] == (st["pages_sharing"] +
                                     st["ksm_zero_pages"]) * 4096,
