@@ -1016,6 +1016,45 @@ def test_raw_remap_during_merge(pair=twins):
         check_remapped(e, a, b, spots, 300)
 
 
+def test_raw_remap_during_merge_single_pages():
+    """The same with single pages merged in groups, each group held out
+    200 ms (SAMEPAGE_FAULT=delay), and the raw munmap and mmap made
+    while a group is out for certain: each spot is 100 pages around a
+    duplicate page pagemap shows not present (moved out, or mapped and
+    not yet read back).  The new data goes into the fresh mapping at
+    once, over that page too; no pool page may be mapped over it."""
+    n = 4000
+    with Env() as e:
+        a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "delay"})
+        for p in (a, b):
+            p.ok("merge")
+        spots = []
+        while len(spots) < 6:
+            out = []
+
+            def some_out():
+                out[:] = [pg for pg, m in enumerate(a.pagemap())
+                          if pg % 2 == 0 and not m[0] and
+                          not any(f <= pg < f + 100 for f in spots)]
+                return out
+
+            check(wait_for(some_out, 20, step=0.001),
+                  f"no page seen out after {len(spots)} spots")
+            first = min(max(out[0] - 25, 0), n - 100)
+            if any(abs(first - f) < 100 for f in spots):
+                continue
+            remap_spots(a, (first,), 0)
+            spots.append(first)
+        time.sleep(1.5)
+        for pg in range(n):
+            spot = next((f for f in spots if f <= pg < f + 100), None)
+            want = (1 if pg % 2 == 0 else 2) if spot is None else \
+                2 if pg < spot + 50 else 0
+            a.ok(f"check {want} {pg} 1")
+        check_single_page(b, 3, n)
+        check(e.d.proc.poll() is None, "daemon died")
+
+
 def unmerge_under_way(e, n, fault):
     """Two programs with n merged pages (the first with
     SAMEPAGE_FAULT=fault), and run=2 under way on a thread: returns both
@@ -1735,6 +1774,7 @@ if __name__ == "__main__":
         test_raw_munmap_during_merge,
         test_raw_munmap_during_merge_single_pages,
         test_raw_remap_during_merge,
+        test_raw_remap_during_merge_single_pages,
         test_raw_remap_during_unmerge,
         test_raw_remap_during_merge_again,
         test_raw_remap_during_merge_again_by_copies,
