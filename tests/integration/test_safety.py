@@ -955,25 +955,44 @@ def test_raw_munmap_during_merge():
         check(e.d.proc.poll() is None, "daemon died")
 
 
+def spots_while_out(a, n, act, count=6):
+    """count spots of 100 of a's n pages (single_page_twins), each
+    made (act(first)) as soon as a duplicate page in it shows not
+    present in pagemap: out for a merge (moved out, or mapped and not
+    yet read back).  Returns the spots' first pages."""
+    spots = []
+    while len(spots) < count:
+        out = []
+
+        def some_out():
+            out[:] = [pg for pg, m in enumerate(a.pagemap())
+                      if pg % 2 == 0 and not m[0] and
+                      not any(f - 75 <= pg < f + 125 for f in spots)]
+            return out
+
+        check(wait_for(some_out, 20, step=0.001),
+              f"no page seen out after {len(spots)} spots")
+        first = min(max(out[0] - 25, 0), n - 100)
+        act(first)
+        spots.append(first)
+    return spots
+
+
 def test_raw_munmap_during_merge_single_pages():
-    """The same with single pages merged in groups: a group's pages are
-    out for 200 ms (SAMEPAGE_FAULT=delay) when the raw munmaps land."""
+    """The same with single pages merged in groups, each group held out
+    200 ms (SAMEPAGE_FAULT=delay), and each raw munmap made while a page
+    in it is out for certain (spots_while_out)."""
     n = 4000
     with Env() as e:
         a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "delay"})
         for p in (a, b):
             p.ok("merge")
-        check(wait_for(lambda: int(a.stats()["merged"]) > 0, 10),
-              "nothing merged")
-        spots = range(0, n, 400)
-        for first in spots:
-            time.sleep(0.1)
-            a.ok(f"rawunmap {first} 100")
-        time.sleep(1)
-        for first in spots:
-            for pg in range(first + 100, first + 400, 2):
-                a.ok(f"check 1 {pg} 1")
-                a.ok(f"check 2 {pg + 1} 1")
+        spots = spots_while_out(
+            a, n, lambda first: a.ok(f"rawunmap {first} 100"))
+        time.sleep(1.5)
+        for pg in range(n):
+            if not any(f <= pg < f + 100 for f in spots):
+                a.ok(f"check {1 if pg % 2 == 0 else 2} {pg} 1")
         nothing_mapped_again(a, spots)
         check_single_page(b, 3, n)
         check(e.d.proc.poll() is None, "daemon died")
@@ -1019,32 +1038,16 @@ def test_raw_remap_during_merge(pair=twins):
 def test_raw_remap_during_merge_single_pages():
     """The same with single pages merged in groups, each group held out
     200 ms (SAMEPAGE_FAULT=delay), and the raw munmap and mmap made
-    while a group is out for certain: each spot is 100 pages around a
-    duplicate page pagemap shows not present (moved out, or mapped and
-    not yet read back).  The new data goes into the fresh mapping at
-    once, over that page too; no pool page may be mapped over it."""
+    while a page there is out for certain (spots_while_out).  The new
+    data goes into the fresh mapping at once, over that page too; no
+    pool page may be mapped over it."""
     n = 4000
     with Env() as e:
         a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "delay"})
         for p in (a, b):
             p.ok("merge")
-        spots = []
-        while len(spots) < 6:
-            out = []
-
-            def some_out():
-                out[:] = [pg for pg, m in enumerate(a.pagemap())
-                          if pg % 2 == 0 and not m[0] and
-                          not any(f <= pg < f + 100 for f in spots)]
-                return out
-
-            check(wait_for(some_out, 20, step=0.001),
-                  f"no page seen out after {len(spots)} spots")
-            first = min(max(out[0] - 25, 0), n - 100)
-            if any(abs(first - f) < 100 for f in spots):
-                continue
-            remap_spots(a, (first,), 0)
-            spots.append(first)
+        spots = spots_while_out(
+            a, n, lambda first: remap_spots(a, (first,), 0))
         time.sleep(1.5)
         for pg in range(n):
             spot = next((f for f in spots if f <= pg < f + 100), None)
