@@ -955,11 +955,16 @@ def test_raw_munmap_during_merge():
         check(e.d.proc.poll() is None, "daemon died")
 
 
-def spots_while_out(a, n, act, count=6):
-    """count spots of 100 of a's n pages (single_page_twins), each
-    made (act(first)) as soon as a duplicate page in it shows not
-    present in pagemap: out for a merge (moved out, or mapped and not
-    yet read back).  Returns the spots' first pages."""
+def spots_while_out(e, n, act, count=6):
+    """single_page_twins of n pages, opted in, the first with each group
+    held out 200 ms (SAMEPAGE_FAULT=delay); then count spots of 100 of
+    the first's pages, each made (act(a, first)) as soon as a duplicate
+    page in it shows not present in pagemap: out for a merge (moved out,
+    or mapped and not yet read back).  Returns both programs and the
+    spots' first pages, 1.5 s after the last."""
+    a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "delay"})
+    for p in (a, b):
+        p.ok("merge")
     spots = []
     while len(spots) < count:
         out = []
@@ -973,9 +978,10 @@ def spots_while_out(a, n, act, count=6):
         check(wait_for(some_out, 20, step=0.001),
               f"no page seen out after {len(spots)} spots")
         first = min(max(out[0] - 25, 0), n - 100)
-        act(first)
+        act(a, first)
         spots.append(first)
-    return spots
+    time.sleep(1.5)
+    return a, b, spots
 
 
 def test_raw_munmap_during_merge_single_pages():
@@ -984,12 +990,8 @@ def test_raw_munmap_during_merge_single_pages():
     in it is out for certain (spots_while_out)."""
     n = 4000
     with Env() as e:
-        a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "delay"})
-        for p in (a, b):
-            p.ok("merge")
-        spots = spots_while_out(
-            a, n, lambda first: a.ok(f"rawunmap {first} 100"))
-        time.sleep(1.5)
+        a, b, spots = spots_while_out(
+            e, n, lambda a, first: a.ok(f"rawunmap {first} 100"))
         for pg in range(n):
             if not any(f <= pg < f + 100 for f in spots):
                 a.ok(f"check {1 if pg % 2 == 0 else 2} {pg} 1")
@@ -1043,12 +1045,8 @@ def test_raw_remap_during_merge_single_pages():
     pool page may be mapped over it."""
     n = 4000
     with Env() as e:
-        a, b = single_page_twins(e, n, env={"SAMEPAGE_FAULT": "delay"})
-        for p in (a, b):
-            p.ok("merge")
-        spots = spots_while_out(
-            a, n, lambda first: remap_spots(a, (first,), 0))
-        time.sleep(1.5)
+        a, b, spots = spots_while_out(
+            e, n, lambda a, first: remap_spots(a, (first,), 0))
         for pg in range(n):
             spot = next((f for f in spots if f <= pg < f + 100), None)
             want = (1 if pg % 2 == 0 else 2) if spot is None else \
